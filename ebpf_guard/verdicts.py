@@ -1,0 +1,44 @@
+"""Verdicts and decisions: what the engine says about one event."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from ebpf_guard.events import Event
+
+
+class Verdict(str, Enum):
+    SAFE = "SAFE"  # allow, log only with --log-all
+    FLAG = "FLAG"  # allow and log; enough FLAGs in a window escalate to HALT
+    ASK = "ASK"  # freeze the cgroup and wait for a human
+    HALT = "HALT"  # freeze the cgroup and leave it frozen
+    KILL = "KILL"  # SIGKILL the process (scope=process) or the cgroup (scope=cgroup)
+
+    @property
+    def severity(self) -> int:
+        return _SEVERITY[self]
+
+
+_SEVERITY = {Verdict.SAFE: 0, Verdict.FLAG: 1, Verdict.ASK: 2, Verdict.HALT: 3, Verdict.KILL: 4}
+
+
+class Mode(str, Enum):
+    AUDIT = "audit"  # decide and log, enforce nothing
+    CONFIRM = "confirm"  # every HALT becomes an ASK
+    ENFORCE = "enforce"
+
+
+class Scope(str, Enum):
+    PROCESS = "process"
+    CGROUP = "cgroup"
+
+
+@dataclass(slots=True)
+class Decision:
+    verdict: Verdict
+    rule: str  # rule name ("" for the policy default)
+    reason: str  # human sentence: why
+    event: Event
+    scope: Scope = Scope.PROCESS  # for KILL: the offender or the whole cgroup
+    enforced_in_kernel: bool = False  # the kernel fast path already acted (exec kill)
