@@ -16,7 +16,7 @@ command -v apt-get >/dev/null || die "only Debian/Ubuntu (apt-get) hosts are sup
 
 KREL="$(uname -r)"
 ARCH="$(dpkg --print-architecture)"
-APT_PACKAGES=(python3-bpfcc python3-venv python3-pip iproute2 procps kmod util-linux ca-certificates)
+APT_PACKAGES=(python3-bpfcc python3-venv python3-pip iproute2 procps kmod util-linux ca-certificates curl git)
 
 apt_updated=0
 apt_update_once() { [ "$apt_updated" = 1 ] || { say "apt-get update"; apt-get update -qq; apt_updated=1; }; }

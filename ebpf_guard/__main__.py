@@ -1,0 +1,3 @@
+from ebpf_guard.cli import main
+
+main()

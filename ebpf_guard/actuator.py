@@ -1,0 +1,255 @@
+"""Turn a Decision into action (signal, freeze, cgroup kill) and say in one line what was done.
+
+The actuator is the only module that touches processes. It never decides anything: the engine
+chose the verdict, the loop chose to call us, and a failure is raised as ActuatorError for the
+loop to log and handle.
+
+PID reuse: a pid from an event may belong to a different process by the time we act. Before
+signalling we pin the pid with a pidfd, then check the process behind it is the event's
+process (same start time); the signal goes through the pidfd, so there is no window in which
+the pid can be recycled between check and kill.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from ebpf_guard import cgroups
+from ebpf_guard.cgroups import CgroupError, Freezer
+from ebpf_guard.events import Event
+from ebpf_guard.verdicts import Decision, Mode, Scope, Verdict
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+# /proc start times are in clock ticks (10 ms at USER_HZ=100); allow a tick of rounding each way.
+_START_TOLERANCE_NS = 2 * 1_000_000_000 // _CLK_TCK
+
+
+class ActuatorError(Exception):
+    """An action that could not be carried out, phrased as one line."""
+
+
+# --- process identity ----------------------------------------------------------------------
+
+
+def _proc_start_ticks(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (start, clock ticks since boot); None if the pid is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # comm may contain spaces and parentheses: the fields we want follow the *last* ')'.
+    return int(stat[stat.rindex(")") + 2 :].split()[19])
+
+
+def _boot_minus_mono_ns() -> int:
+    """CLOCK_BOOTTIME - CLOCK_MONOTONIC: the time the host spent suspended."""
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def process_start_ns(pid: int) -> int | None:
+    """A process's start as CLOCK_MONOTONIC ns (the Event.start_ns convention), at tick
+    resolution; None if the pid is gone. The kernel keeps it as task->start_time."""
+    ticks = _proc_start_ticks(pid)
+    if ticks is None:
+        return None
+    return ticks * 1_000_000_000 // _CLK_TCK - _boot_minus_mono_ns()
+
+
+def _same_start(pid: int, start_ns: int) -> bool | None:
+    """Does `pid` still belong to the process that started at `start_ns`? None if it is gone.
+
+    /proc counts from boot (task->start_boottime) while Event.start_ns is monotonic
+    (task->start_time); they differ by suspend time, which we add back. A sensor that stored
+    boot time instead still matches the second comparison.
+    """
+    ticks = _proc_start_ticks(pid)
+    if ticks is None:
+        return None
+    boot_ns = ticks * 1_000_000_000 // _CLK_TCK
+    candidates = (start_ns + _boot_minus_mono_ns(), start_ns)
+    # /proc truncates to whole ticks, so boot_ns <= the true start < boot_ns + one tick.
+    return any(abs(c - boot_ns) <= _START_TOLERANCE_NS for c in candidates)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat[stat.rindex(")") + 2] in "ZX"
+
+
+def kill_process(event: Event, watched: Path | None = None) -> str:
+    """SIGKILL the event's process (tgid) if it is still that process. Returns what happened."""
+    pid, who = event.tgid, f"pid {event.tgid} ({event.comm})"
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return f"{who} had already exited"
+    except OSError as e:
+        raise ActuatorError(f"cannot open {who}: {e.strerror}") from e
+    try:
+        if event.start_ns:
+            same = _same_start(pid, event.start_ns)
+            if same is None:
+                return f"{who} had already exited"
+            if not same:
+                return f"{who} had already exited; its pid now belongs to another process"
+        elif watched is not None:
+            # No start time to compare: at least refuse to shoot outside the watched cgroup.
+            try:
+                inside = cgroups.is_within(cgroups.cgroup_of_pid(pid), watched)
+            except CgroupError:
+                return f"{who} had already exited"
+            if not inside:
+                return f"{who} is no longer in {watched}; left alone (pid reused?)"
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            return f"{who} had already exited"
+        except OSError as e:
+            raise ActuatorError(f"cannot kill {who}: {e.strerror}") from e
+        return f"killed {who}"
+    finally:
+        os.close(pidfd)
+
+
+# --- the actuator --------------------------------------------------------------------------
+
+
+class Actuator:
+    """Carries out decisions against one watched cgroup (or none, when watching bare pids)."""
+
+    def __init__(
+        self,
+        cgroup: Path | None,
+        *,
+        freezer: Freezer | None = None,
+        mode: Mode = Mode.ENFORCE,
+        freeze_timeout: float = 1.0,
+    ) -> None:
+        self.cgroup = cgroup
+        if freezer is None and cgroups.can_freeze_v2(cgroup):
+            assert cgroup is not None
+            freezer = cgroups.V2Freezer(cgroup)
+        self.freezer = freezer
+        self.mode = mode
+        self.freeze_timeout = freeze_timeout
+
+    def plan(self, decision: Decision) -> str:
+        """What apply() will do, in one line, without doing it (for the log record written
+        before acting)."""
+        if self.mode == Mode.AUDIT:
+            return "none (audit mode)"
+        verdict, ev = decision.verdict, decision.event
+        if verdict in (Verdict.SAFE, Verdict.FLAG):
+            return "none"
+        if verdict in (Verdict.HALT, Verdict.ASK):
+            return f"freeze {self.freezer.path}" if self.freezer else "freeze (no cgroup: cannot)"
+        kernel = "killed in kernel at exec entry; " if decision.enforced_in_kernel else ""
+        if decision.scope == Scope.CGROUP and (self.freezer or self.cgroup):
+            return f"{kernel}kill cgroup {self._group_path()}"
+        return f"{kernel}SIGKILL pid {ev.tgid} ({ev.comm})"
+
+    def freeze_now(self) -> str:
+        """Freeze regardless of mode and verdict: the loop's fail-closed response (e.g. when
+        the verdict log cannot be written)."""
+        try:
+            return self._freeze()
+        except CgroupError as e:
+            raise ActuatorError(str(e)) from e
+
+    def apply(self, decision: Decision) -> str:
+        """Act on the decision; return a one-line description of what was done."""
+        if self.mode == Mode.AUDIT:
+            return "none (audit mode)"
+        verdict = decision.verdict
+        if verdict in (Verdict.SAFE, Verdict.FLAG):
+            return "none"
+        try:
+            if verdict in (Verdict.HALT, Verdict.ASK):
+                # ASK is frozen the same way; waiting for the human is the caller's business.
+                return self._freeze()
+            if verdict == Verdict.KILL:
+                return self._kill(decision)
+        except CgroupError as e:
+            raise ActuatorError(str(e)) from e
+        raise ActuatorError(f"unknown verdict {verdict!r}")
+
+    def _freeze(self) -> str:
+        if self.freezer is None:
+            raise ActuatorError("cannot freeze: no cgroup is being watched (nothing to freeze)")
+        fz = self.freezer
+        fz.freeze()
+        path = fz.path
+        done = f"froze {path}"
+        if not fz.wait_frozen(self.freeze_timeout):
+            done = f"freeze of {path} requested, not complete after {self.freeze_timeout:g}s"
+        return (
+            f"{done}; resume: ebpf-guard resume --cgroup {path}; "
+            f"kill: ebpf-guard kill --cgroup {path}"
+        )
+
+    def _kill(self, decision: Decision) -> str:
+        parts = []
+        if decision.enforced_in_kernel:
+            parts.append("killed in kernel at exec entry")
+        if decision.scope == Scope.CGROUP and (self.freezer or self.cgroup):
+            n = len(self._group_pids())
+            self._kill_group()
+            parts.append(f"killed cgroup {self._group_path()} ({n} processes)")
+        elif decision.enforced_in_kernel:
+            # Idempotent back-up: the kernel's SIGKILL should already have done it.
+            if not _is_zombie(decision.event.tgid):
+                res = kill_process(decision.event, self.cgroup)
+                if res.startswith("killed"):
+                    parts.append(f"pid {decision.event.tgid} still alive, SIGKILL sent again")
+        else:
+            parts.append(kill_process(decision.event, self.cgroup))
+            if decision.scope == Scope.CGROUP:
+                parts.append("no cgroup watched, so only the process")
+        return "; ".join(parts)
+
+    def _group_path(self) -> Path:
+        return self.freezer.path if self.freezer is not None else self.cgroup  # type: ignore[return-value]
+
+    def _group_pids(self) -> list[int]:
+        return self.freezer.pids() if self.freezer is not None else cgroups.pids(self._group_path())
+
+    def _kill_group(self) -> None:
+        if self.cgroup is not None:
+            cgroups.kill_cgroup(self.cgroup)  # cgroup.kill: the fastest and fork-proof
+        if self.freezer is not None and self.freezer.path != self.cgroup:
+            self.freezer.kill()  # v1 freezer membership can cover processes the v2 one lost
+
+
+# --- `ebpf-guard resume|kill --cgroup` -----------------------------------------------------
+
+
+def resume(spec: str | Path) -> str:
+    """Thaw a frozen cgroup (v2 spec or a v1 freezer path we printed)."""
+    try:
+        fz = cgroups.freezer_at(spec)
+        fz.thaw()
+    except CgroupError as e:
+        raise ActuatorError(str(e)) from e
+    return f"thawed {fz.path}"
+
+
+def kill_all(spec: str | Path, timeout: float = 2.0) -> str:
+    """SIGKILL everything in a cgroup (frozen or not) and wait, bounded, for it to empty."""
+    try:
+        fz = cgroups.freezer_at(spec)
+        n = len(fz.pids())
+        fz.kill()
+        deadline = time.monotonic() + timeout
+        while fz.pids() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        left = len(fz.pids())
+    except CgroupError as e:
+        raise ActuatorError(str(e)) from e
+    tail = f"; {left} still exiting after {timeout:g}s" if left else ""
+    return f"killed {n} processes in {fz.path}{tail}"

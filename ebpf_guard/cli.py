@@ -1,0 +1,523 @@
+"""The `ebpf-guard` command line. Every user-facing error is one line, never a traceback."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import pwd
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import ExitStack
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import click
+
+from ebpf_guard import cgroups, host
+from ebpf_guard.paths import DEFAULT_POLICY
+from ebpf_guard.verdicts import Mode, Verdict
+
+# Exit codes of `run` (documented in the README). Otherwise: the command's own status,
+# or 128+N when it died of signal N, like a shell.
+EXIT_ERROR = 1  # ebpf-guard itself could not do its job (setup, bad input)
+EXIT_USAGE = 2  # bad command line or invalid policy
+EXIT_HALTED = 120  # a HALT or ASK froze the agent at least once
+EXIT_KILLED = 121  # a KILL verdict killed (part of) the agent
+
+DEFAULT_INCIDENTS = Path("/var/log/ebpf-guard/incidents")
+
+
+class UserError(click.ClickException):
+    """One line to stderr, exit 1."""
+
+    exit_code = EXIT_ERROR
+
+    def show(self, file=None) -> None:
+        click.echo(f"ebpf-guard: error: {self.message}", err=True)
+
+
+@lru_cache(maxsize=256)
+def home_of(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_dir
+    except KeyError:
+        return None
+
+
+def _load_policy(path: Path):
+    from ebpf_guard.policy import PolicyError, load_policy
+
+    try:
+        return load_policy(path)
+    except PolicyError as e:
+        click.echo(str(e), err=True)
+        raise SystemExit(EXIT_USAGE) from None
+    except OSError as e:
+        raise UserError(f"cannot read policy {path}: {e.strerror}") from None
+
+
+def _need_root_and_bcc() -> None:
+    try:
+        host.require_root()
+        host.import_bcc()
+    except host.HostError as e:
+        raise UserError(str(e)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ebpf-guard")
+def main() -> None:
+    """Watch AI agents from the kernel and stop them when they cross a line."""
+
+
+# ----------------------------------------------------------------------------- watch / run
+def _session_options(f):
+    opts = [
+        click.option("--policy", "policy_path", type=click.Path(path_type=Path), default=DEFAULT_POLICY,
+                     show_default=True, help="Policy file."),
+        click.option("--mode", type=click.Choice([m.value for m in Mode]), default=None,
+                     help="Override the policy's mode."),
+        click.option("--log", "log_path", type=click.Path(path_type=Path), default=None,
+                     help="Verdict log (JSON lines). [default: /var/log/ebpf-guard/verdicts.jsonl]"),
+        click.option("--log-all", is_flag=True, help="Log SAFE events too."),
+        click.option("--incidents", "incidents_dir", type=click.Path(path_type=Path), default=None,
+                     help="Directory for incident files. [default: beside the log]"),
+        click.option("--record", "record_path", type=click.Path(path_type=Path), default=None,
+                     help="Save the raw event stream for `ebpf-guard replay`."),
+        click.option("--json", "json_out", is_flag=True, help="JSON lines on stdout."),
+        click.option("--output", "output_path", type=click.Path(path_type=Path), default=None,
+                     help="Also write JSON lines to FILE."),
+        click.option("--quiet", is_flag=True, help="Print only verdicts other than SAFE and status."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+@dataclass
+class SessionOptions:
+    policy_path: Path
+    mode: str | None
+    log_path: Path | None
+    log_all: bool
+    incidents_dir: Path | None
+    record_path: Path | None
+    json_out: bool
+    output_path: Path | None
+    quiet: bool
+    workspace: str
+
+
+class Session:
+    """Everything `watch` and `run` share: policy, engine, sensor, log, actuator, guard."""
+
+    def __init__(self, opts: SessionOptions, stack: ExitStack, *, cgroup: Path | None,
+                 pids: tuple[int, ...] = ()) -> None:
+        from ebpf_guard.actuator import Actuator
+        from ebpf_guard.auditlog import DEFAULT_LOG, AuditLogError, VerdictLog
+        from ebpf_guard.engine import Engine
+        from ebpf_guard.guard import Guard
+        from ebpf_guard.hosts import HostResolver
+        from ebpf_guard.output import Printer
+        from ebpf_guard.recording import Recorder
+        from ebpf_guard.redact import Redactor
+        from ebpf_guard.sensor import Sensor, SensorError
+
+        policy = _load_policy(opts.policy_path)
+        self.engine = Engine(policy, workspace=opts.workspace, home_of=home_of,
+                             mode=Mode(opts.mode) if opts.mode else None)
+        log_path = opts.log_path or Path(DEFAULT_LOG)
+        try:
+            redactor = Redactor(policy.redact)
+        except ValueError as e:
+            raise UserError(f"{opts.policy_path}: redact: {e}") from None
+        try:
+            self.log = VerdictLog(log_path, redactor=redactor)
+        except AuditLogError as e:
+            raise UserError(f"cannot open the verdict log: {e}") from None
+        stack.callback(self.log.close)
+        out_file = stack.enter_context(open(opts.output_path, "wb")) if opts.output_path else None
+        self.printer = Printer(json=opts.json_out, file=out_file, quiet=opts.quiet)
+        recorder = None
+        if opts.record_path:
+            recorder = Recorder(opts.record_path, policy=opts.policy_path, workspace=opts.workspace,
+                                mode=self.engine.mode.value)
+            stack.callback(recorder.close)
+        self.recorder = recorder
+        self.cgroup = cgroup
+        self.actuator = Actuator(cgroup, freezer=cgroups.freezer_for(cgroup, pids[0] if pids else None)
+                                 if cgroup else None, mode=self.engine.mode)
+        self.sensor = Sensor(cgroups=[cgroup] if cgroup else [], pids=pids)
+        t0 = time.monotonic()
+        try:
+            self.sensor.start()
+            names, paths = self.engine.kernel_exec_kills()
+            self.sensor.set_exec_kills(names, paths)
+        except (SensorError, host.HostError) as e:
+            raise UserError(str(e)) from None
+        self.attach_s = time.monotonic() - t0
+        self.resolver = HostResolver(self.engine.hostnames())
+        if self.resolver.names:
+            # Resolve once before the agent starts so connect rules hold from the first event.
+            self._apply_hosts(self.resolver.resolve_once())
+            self.resolver.start()
+            stack.callback(self.resolver.stop)
+        self.guard = Guard(engine=self.engine, actuator=self.actuator, log=self.log, printer=self.printer,
+                           cgroup=cgroup, home_of=home_of, recorder=recorder, log_all=opts.log_all,
+                           incidents_dir=opts.incidents_dir or log_path.parent / "incidents")
+        for note in self.sensor.notes:
+            self.printer.message(note)
+        self.printer.message(
+            f"attached in {self.attach_s * 1000:.0f} ms; policy {opts.policy_path} "
+            f"({self.engine.mode.value} mode); verdict log {log_path}"
+        )
+        self.log_path = log_path
+
+    def _apply_hosts(self, mapping: dict[str, list[str]]) -> None:
+        self.engine.set_host_addresses(mapping)
+        if self.recorder is not None:
+            self.recorder.write_hosts(mapping)
+
+    def step(self, timeout_ms: int = 2) -> int:
+        mapping = self.resolver.take()
+        if mapping is not None:
+            self._apply_hosts(mapping)
+        events = self.sensor.poll(timeout_ms)
+        for event in events:
+            self.guard.handle(event)
+        return len(events)
+
+    def finish(self) -> None:
+        for event in self.sensor.close():
+            self.guard.handle(event)
+
+    def report(self, headline: str) -> None:
+        s, stats = self.guard.summary, self.sensor.stats
+        counts = ", ".join(f"{s.counts.get(v, 0)} {v.value}" for v in Verdict)
+        done = "; ".join(s.actions) if s.actions else "nothing was done"
+        lost = (f"{stats.lost} events LOST (urgent {stats.lost_urgent}, bulk {stats.lost_bulk})"
+                if stats.lost else "no events lost")
+        text = (f"{headline} {s.events} events: {counts}. Actions: {done}. {lost}. "
+                f"Verdict log: {self.log_path}.")
+        if s.incidents:
+            text += f" Incidents: {', '.join(s.incidents)}."
+        self.printer.message(text)
+
+
+def _signals_raise() -> None:
+    """SIGTERM/SIGHUP end the loop like Ctrl-C does."""
+    def raise_interrupt(signum, frame):
+        raise KeyboardInterrupt
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, raise_interrupt)
+
+
+@main.command()
+@click.option("--cgroup", "cgroup_spec", default=None,
+              help="cgroup v2 path (/sys/fs/cgroup/...) or as /proc/PID/cgroup prints it.")
+@click.option("--pid", "pid", type=int, default=None, help="Follow this process and its descendants.")
+@click.option("--workspace", type=click.Path(path_type=Path), default=None,
+              help="The agent's workspace ({workspace} in policies). [default: current directory]")
+@_session_options
+def watch(cgroup_spec, pid, workspace, **kw) -> None:
+    """Watch an existing cgroup or process tree until Ctrl-C or until it is empty."""
+    if (cgroup_spec is None) == (pid is None):
+        raise click.UsageError("give exactly one of --cgroup PATH or --pid PID")
+    _need_root_and_bcc()
+    cgroup = None
+    if cgroup_spec is not None:
+        try:
+            cgroup = cgroups.resolve_cgroup(cgroup_spec)
+        except cgroups.CgroupError as e:
+            raise UserError(str(e)) from None
+    elif not Path(f"/proc/{pid}").exists():
+        raise UserError(f"no process with PID {pid}")
+    opts = SessionOptions(workspace=str((workspace or Path.cwd()).resolve()), **kw)
+    _signals_raise()
+    with ExitStack() as stack:
+        session = Session(opts, stack, cgroup=cgroup, pids=(pid,) if pid else ())
+        try:
+            while True:
+                session.step()
+                if cgroup is not None and not cgroups.is_populated(cgroup):
+                    session.printer.message(f"cgroup {cgroup} is empty")
+                    break
+                if pid is not None and session.sensor.tracked_count() == 0:
+                    session.printer.message(f"process {pid} and its descendants are gone")
+                    break
+        except KeyboardInterrupt:
+            session.printer.message("interrupted")
+        session.finish()
+        session.report("watch ended:")
+
+
+def _set_child_subreaper() -> None:
+    # Orphaned grandchildren are re-parented to us, not to init, so `run` can reap them and
+    # the cgroup empties (and we exit) when the whole tree is gone.
+    PR_SET_CHILD_SUBREAPER = 36
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _reap(child: subprocess.Popen) -> None:
+    """Reap every exited child; keeps `child.returncode` for the command itself."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        if pid == child.pid:
+            child.returncode = os.waitstatus_to_exitcode(status)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--cgroup-parent", default=None,
+              help="Create the agent's cgroup under this cgroup. [default: the cgroup v2 root]")
+@click.option("--workspace", type=click.Path(path_type=Path), default=None,
+              help="The agent's workspace. [default: current directory]")
+@_session_options
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def run(cgroup_parent, workspace, command, **kw) -> None:
+    """Run COMMAND in a fresh cgroup and watch it until it and all its descendants are gone.
+
+    Exit status: the command's own (128+N if it died of signal N) when ebpf-guard did not
+    intervene; 120 if the agent was halted (frozen) at least once; 121 if ebpf-guard killed it.
+    """
+    _need_root_and_bcc()
+    opts = SessionOptions(workspace=str((workspace or Path.cwd()).resolve()), **kw)
+    try:
+        parent = cgroups.resolve_cgroup(cgroup_parent) if cgroup_parent else None
+        cgroup = cgroups.create_run_cgroup(parent)
+    except cgroups.CgroupError as e:
+        raise UserError(str(e)) from None
+    _signals_raise()
+    _set_child_subreaper()
+    status = EXIT_ERROR
+    with ExitStack() as stack:
+        stack.callback(cgroups.remove_cgroup, cgroup)
+        session = Session(opts, stack, cgroup=cgroup)
+        procs_file = str(cgroup / "cgroup.procs")
+
+        def join_cgroup() -> None:
+            # Runs in the child between fork and exec: the command never runs unwatched.
+            with open(procs_file, "w") as f:
+                f.write(str(os.getpid()))
+            session.actuator.freezer.adopt(os.getpid())
+
+        try:
+            child = subprocess.Popen(list(command), preexec_fn=join_cgroup)
+        except OSError as e:
+            raise UserError(f"cannot run {command[0]}: {e.strerror}") from None
+        session.printer.message(f"running {' '.join(command)} (pid {child.pid}) in cgroup {cgroup}")
+        try:
+            while True:
+                session.step()
+                _reap(child)
+                if child.returncode is not None and not cgroups.is_populated(cgroup):
+                    break
+        except KeyboardInterrupt:
+            session.printer.message(f"interrupted: killing everything in {cgroup}")
+            cgroups.kill_cgroup(cgroup)
+            cgroups.wait_empty(cgroup, 5.0)
+            _reap(child)
+        session.finish()
+        rc = child.returncode if child.returncode is not None else -signal.SIGKILL
+        status = 128 - rc if rc < 0 else rc
+        summary = session.guard.summary
+        if summary.killed:
+            status, how = EXIT_KILLED, "killed by ebpf-guard"
+        elif summary.halted:
+            status, how = EXIT_HALTED, "halted by ebpf-guard"
+        else:
+            how = "exited"
+        session.report(f"{command[0]} {how} (status {rc if rc >= 0 else f'signal {-rc}'}), exit {status}.")
+    sys.exit(status)
+
+
+# ----------------------------------------------------------------------------- other commands
+@main.command()
+@click.argument("policies", nargs=-1, required=True, type=click.Path(path_type=Path))
+def check(policies) -> None:
+    """Validate policy files; every error names file, line and key."""
+    from ebpf_guard.policy import PolicyError, load_policy
+
+    bad = 0
+    for path in policies:
+        try:
+            policy = load_policy(path)
+        except PolicyError as e:
+            click.echo(str(e), err=True)
+            bad += 1
+        except OSError as e:
+            click.echo(f"{path}: cannot read: {e.strerror}", err=True)
+            bad += 1
+        else:
+            click.echo(f"{path}: ok ({len(policy.rules)} rules, mode {policy.mode.value})")
+    sys.exit(EXIT_USAGE if bad else 0)
+
+
+def _cgroup_arg(spec: str) -> Path:
+    try:
+        return cgroups.resolve_cgroup(spec)
+    except cgroups.CgroupError as e:
+        raise UserError(str(e)) from None
+
+
+@main.command()
+@click.option("--cgroup", "cgroup_spec", required=True, help="The halted agent's cgroup.")
+def resume(cgroup_spec) -> None:
+    """Thaw a halted agent's cgroup."""
+    from ebpf_guard.actuator import ActuatorError, resume as thaw
+
+    try:
+        host.require_root()
+        click.echo(thaw(_cgroup_arg(cgroup_spec)))
+    except (ActuatorError, host.HostError) as e:
+        raise UserError(str(e)) from None
+
+
+@main.command(name="kill")
+@click.option("--cgroup", "cgroup_spec", required=True, help="The agent's cgroup.")
+def kill_cmd(cgroup_spec) -> None:
+    """Kill everything in a (halted) agent's cgroup."""
+    from ebpf_guard.actuator import ActuatorError, kill_all
+
+    try:
+        host.require_root()
+        click.echo(kill_all(_cgroup_arg(cgroup_spec)))
+    except (ActuatorError, host.HostError) as e:
+        raise UserError(str(e)) from None
+
+
+@main.command()
+@click.argument("log", type=click.Path(path_type=Path), default=None, required=False)
+def verify(log) -> None:
+    """Check the verdict log's hash chain; report the first bad record."""
+    from ebpf_guard.auditlog import DEFAULT_LOG, verify_log
+
+    result = verify_log(Path(log or DEFAULT_LOG))
+    if result.ok:
+        click.echo(f"{log or DEFAULT_LOG}: ok ({result.records} records, chain intact)")
+        return
+    click.echo(f"ebpf-guard: verify: {result.problem}", err=True)
+    sys.exit(EXIT_ERROR)
+
+
+@main.command()
+def doctor() -> None:
+    """Check that this host can run ebpf-guard; one line per check, with the fix."""
+    from ebpf_guard.doctor import run_checks
+
+    sys.exit(run_checks(click.echo))
+
+
+@main.command()
+@click.argument("recording", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--policy", "policy_path", type=click.Path(path_type=Path), default=None,
+              help="Policy to replay under. [default: the recording's own policy]")
+@click.option("--compare", "compare", type=click.Path(path_type=Path), multiple=True,
+              help="Compare several policies side by side (repeat, or list after --compare).")
+@click.option("--mode", type=click.Choice([m.value for m in Mode]), default=None)
+@click.option("--all", "show_all", is_flag=True, help="Print SAFE decisions too.")
+@click.argument("more_policies", nargs=-1, type=click.Path(path_type=Path))
+def replay(recording, policy_path, compare, mode, show_all, more_policies) -> None:
+    """Run a recorded event stream (from --record) through the engine; nothing is enforced."""
+    from ebpf_guard.output import describe
+    from ebpf_guard.policy import PolicyError
+    from ebpf_guard.recording import RecordingError, read_recording
+    from ebpf_guard.replay import format_comparison
+    from ebpf_guard.replay import replay as do_replay
+
+    try:
+        if compare or more_policies:
+            policies = [*compare, *more_policies]
+            if len(policies) < 2:
+                raise click.UsageError("--compare needs at least two policies")
+            results = do_replay(recording, policies, Mode(mode) if mode else None)
+            click.echo(format_comparison(results))
+            return
+        if policy_path is None:
+            policy_path = Path(read_recording(recording)[0].policy)
+        (result,) = do_replay(recording, [policy_path], Mode(mode) if mode else None)
+    except PolicyError as e:
+        click.echo(str(e), err=True)
+        sys.exit(EXIT_USAGE)
+    except (RecordingError, OSError) as e:
+        raise UserError(str(e)) from None
+    for d in result.decisions:
+        if show_all or d.verdict is not Verdict.SAFE:
+            ev = d.event
+            click.echo(f"{d.verdict.value:<5} {d.rule or 'default':<24} pid {ev.tgid:<7} {ev.comm:<16} "
+                       f"{ev.kind.value:<7} {describe(ev)}")
+    counts = ", ".join(f"{result.counts.get(v, 0)} {v.value}" for v in Verdict)
+    click.echo(f"replayed {len(result.decisions)} events under {policy_path}: {counts} (nothing enforced)")
+
+
+@main.command()
+@click.argument("log", type=click.Path(path_type=Path), default=None, required=False)
+@click.option("--last-hours", type=float, default=None, help="Only the last N hours.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "html"]), default="text")
+@click.option("--out", "out_path", type=click.Path(path_type=Path), default=None, help="Write to FILE.")
+def report(log, last_hours, fmt, out_path) -> None:
+    """Forensic report from a verdict log: timeline, counts, incidents, actions."""
+    from ebpf_guard.auditlog import DEFAULT_LOG
+    from ebpf_guard.report import main_report
+
+    path = Path(log or DEFAULT_LOG)
+    if not path.exists():
+        raise UserError(f"no verdict log at {path}")
+    text = main_report(path, last_hours, fmt)
+    if out_path:
+        out_path.write_text(text)
+        click.echo(f"wrote {out_path}")
+    else:
+        click.echo(text)
+
+
+@main.command()
+def approvals() -> None:
+    """List pending ASK approvals of every running guard."""
+    from ebpf_guard.approvals import ApprovalError, format_pending, list_pending
+
+    try:
+        click.echo(format_pending(list_pending()))
+    except ApprovalError as e:
+        raise UserError(str(e)) from None
+
+
+@main.command()
+@click.argument("approval_id")
+@click.option("--remember", is_flag=True, help="Allow the same action for the rest of this run.")
+def approve(approval_id, remember) -> None:
+    """Allow a pending ASK: thaw the agent."""
+    from ebpf_guard.approvals import ApprovalError
+    from ebpf_guard.approvals import approve as do_approve
+
+    try:
+        click.echo(do_approve(approval_id, remember=remember))
+    except ApprovalError as e:
+        raise UserError(str(e)) from None
+
+
+@main.command()
+@click.argument("approval_id")
+@click.option("--remember", is_flag=True, help="Deny the same action for the rest of this run.")
+def deny(approval_id, remember) -> None:
+    """Deny a pending ASK: apply the rule's deny action (kill by default)."""
+    from ebpf_guard.approvals import ApprovalError
+    from ebpf_guard.approvals import deny as do_deny
+
+    try:
+        click.echo(do_deny(approval_id, remember=remember))
+    except ApprovalError as e:
+        raise UserError(str(e)) from None
+
+
+if __name__ == "__main__":
+    main()

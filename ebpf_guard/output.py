@@ -1,0 +1,86 @@
+"""Where events and verdicts are shown: aligned lines on a TTY (like execsnoop), or JSON lines."""
+
+from __future__ import annotations
+
+import sys
+from typing import IO
+
+import orjson
+
+from ebpf_guard.events import Event, Kind
+from ebpf_guard.verdicts import Decision, Verdict
+
+HEADER = f"{'TIME(s)':<9} {'VERDICT':<7} {'PID':>7} {'PPID':>7} {'UID':>6} {'COMM':<16} {'KIND':<7} DETAIL"
+
+
+def describe(event: Event) -> str:
+    """One human line of what the event did."""
+    if event.kind is Kind.EXEC:
+        args = " ".join(event.argv) + (" …" if event.argv_truncated else "")
+        return f"{event.path or event.raw_path}  [{args}]"
+    if event.kind is Kind.OPEN:
+        access = ",".join(sorted(event.access)) or "-"
+        return f"{event.path or event.raw_path} ({access})"
+    if event.kind is Kind.UNLINK:
+        return f"{event.path or event.raw_path}{' (dir)' if event.is_dir else ''}"
+    if event.kind is Kind.CONNECT:
+        if event.family == "unix":
+            return f"unix:{event.addr}"
+        host = f"[{event.addr}]" if event.family == "ipv6" else event.addr
+        return f"{host}:{event.port}"
+    if event.kind is Kind.FORK:
+        return f"child {event.child_pid}"
+    if event.kind is Kind.CHDIR:
+        return event.path or event.raw_path
+    return ""
+
+
+def event_json(decision: Decision) -> bytes:
+    ev = decision.event.to_dict()
+    return orjson.dumps(
+        {"verdict": decision.verdict.value, "rule": decision.rule, "reason": decision.reason, "event": ev}
+    )
+
+
+class Printer:
+    """Prints every decided event: human lines to a TTY, JSON lines with json=True, and/or a file."""
+
+    def __init__(self, *, json: bool = False, stream: IO[str] | None = None, file: IO[bytes] | None = None,
+                 quiet: bool = False) -> None:
+        self.json = json
+        self.stream = stream or sys.stdout
+        self.file = file
+        self.quiet = quiet
+        self._t0: int | None = None
+        self._header_done = False
+
+    def decision(self, decision: Decision) -> None:
+        if self.file is not None:
+            self.file.write(event_json(decision) + b"\n")
+        if self.quiet and decision.verdict is Verdict.SAFE:
+            return
+        if self.json:
+            self.stream.write(event_json(decision).decode() + "\n")
+            self.stream.flush()
+            return
+        ev = decision.event
+        if self._t0 is None:
+            self._t0 = ev.ts_ns
+        if not self._header_done:
+            self.stream.write(HEADER + "\n")
+            self._header_done = True
+        verdict = decision.verdict.value if decision.verdict is not Verdict.SAFE else ""
+        line = (
+            f"{(ev.ts_ns - self._t0) / 1e9:<9.3f} {verdict:<7} {ev.tgid:>7} {ev.ppid:>7} {ev.uid:>6} "
+            f"{ev.comm[:16]:<16} {ev.kind.value:<7} {describe(ev)}"
+        )
+        if decision.verdict is not Verdict.SAFE:
+            line += f"  <- {decision.rule}: {decision.reason}"
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        """A status line (to stderr in JSON mode so stdout stays pure JSON lines)."""
+        target = sys.stderr if self.json else self.stream
+        target.write(f"ebpf-guard: {text}\n")
+        target.flush()
