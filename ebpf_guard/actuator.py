@@ -150,8 +150,8 @@ class Actuator:
         if verdict in (Verdict.HALT, Verdict.ASK):
             return f"freeze {self.freezer.path}" if self.freezer else "freeze (no cgroup: cannot)"
         kernel = "killed in kernel at exec entry; " if decision.enforced_in_kernel else ""
-        if decision.scope == Scope.CGROUP and (self.freezer or self.cgroup):
-            return f"{kernel}kill cgroup {self._group_path()}"
+        if decision.scope == Scope.CGROUP and self._group() is not None:
+            return f"{kernel}kill cgroup {self._group()}"
         return f"{kernel}SIGKILL pid {ev.tgid} ({ev.comm})"
 
     def freeze_now(self) -> str:
@@ -181,7 +181,10 @@ class Actuator:
 
     def _freeze(self) -> str:
         if self.freezer is None:
-            raise ActuatorError("cannot freeze: no cgroup is being watched (nothing to freeze)")
+            if self.cgroup is None:
+                raise ActuatorError("cannot freeze: no cgroup is being watched")
+            raise ActuatorError(f"cannot freeze: {self.cgroup} has no cgroup.freeze "
+                                "and no v1 freezer was set up")
         fz = self.freezer
         fz.freeze()
         path = fz.path
@@ -197,10 +200,10 @@ class Actuator:
         parts = []
         if decision.enforced_in_kernel:
             parts.append("killed in kernel at exec entry")
-        if decision.scope == Scope.CGROUP and (self.freezer or self.cgroup):
-            n = len(self._group_pids())
-            self._kill_group()
-            parts.append(f"killed cgroup {self._group_path()} ({n} processes)")
+        group = self._group()
+        if decision.scope == Scope.CGROUP and group is not None:
+            n = self._kill_group()
+            parts.append(f"killed cgroup {group} ({n} processes)")
         elif decision.enforced_in_kernel:
             # Idempotent back-up: the kernel's SIGKILL should already have done it.
             if not _is_zombie(decision.event.tgid):
@@ -213,17 +216,23 @@ class Actuator:
                 parts.append("no cgroup watched, so only the process")
         return "; ".join(parts)
 
-    def _group_path(self) -> Path:
-        return self.freezer.path if self.freezer is not None else self.cgroup  # type: ignore[return-value]
-
-    def _group_pids(self) -> list[int]:
-        return self.freezer.pids() if self.freezer is not None else cgroups.pids(self._group_path())
-
-    def _kill_group(self) -> None:
+    def _group(self) -> Path | None:
+        """The path that names "the whole agent": the v2 cgroup, else the v1 freezer's."""
         if self.cgroup is not None:
-            cgroups.kill_cgroup(self.cgroup)  # cgroup.kill: the fastest and fork-proof
+            return self.cgroup
+        return self.freezer.path if self.freezer is not None else None
+
+    def _kill_group(self) -> int:
+        """SIGKILL the whole agent; returns how many processes were in it."""
+        members: set[int] = set()
+        if self.cgroup is not None:
+            members.update(cgroups.pids(self.cgroup))
+            cgroups.kill_cgroup(self.cgroup)  # cgroup.kill: the fastest, and fork-proof
         if self.freezer is not None and self.freezer.path != self.cgroup:
-            self.freezer.kill()  # v1 freezer membership can cover processes the v2 one lost
+            # A v1 freezer cgroup can hold processes the v2 cgroup does not (or there is none).
+            members.update(self.freezer.pids())
+            self.freezer.kill()
+        return len(members)
 
 
 # --- `ebpf-guard resume|kill --cgroup` -----------------------------------------------------

@@ -150,11 +150,19 @@ class Session:
             stack.callback(recorder.close)
         self.recorder = recorder
         self.cgroup = cgroup
-        self.actuator = Actuator(cgroup, freezer=cgroups.freezer_for(cgroup, pids[0] if pids else None)
-                                 if cgroup else None, mode=self.engine.mode)
+        try:
+            freezer = cgroups.freezer_for(cgroup, pids[0] if pids else None)
+        except cgroups.CgroupError as e:
+            raise UserError(str(e)) from None
+        self.actuator = Actuator(cgroup, freezer=freezer, mode=self.engine.mode)
         self.sensor = Sensor(cgroups=[cgroup] if cgroup else [], pids=pids)
         t0 = time.monotonic()
         try:
+            # Say what was done to the host, never silently: tracefs mounted, headers fallback.
+            notes = [host.ensure_tracefs()]
+            headers = host.headers_status()
+            if headers.state != "matching":
+                notes.append(f"kernel headers: {headers.state}: {headers.detail}")
             self.sensor.start()
             names, paths = self.engine.kernel_exec_kills()
             self.sensor.set_exec_kills(names, paths)
@@ -170,7 +178,7 @@ class Session:
         self.guard = Guard(engine=self.engine, actuator=self.actuator, log=self.log, printer=self.printer,
                            cgroup=cgroup, home_of=home_of, recorder=recorder, log_all=opts.log_all,
                            incidents_dir=opts.incidents_dir or log_path.parent / "incidents")
-        for note in self.sensor.notes:
+        for note in filter(None, notes):
             self.printer.message(note)
         self.printer.message(
             f"attached in {self.attach_s * 1000:.0f} ms; policy {opts.policy_path} "
@@ -362,13 +370,6 @@ def check(policies) -> None:
     sys.exit(EXIT_USAGE if bad else 0)
 
 
-def _cgroup_arg(spec: str) -> Path:
-    try:
-        return cgroups.resolve_cgroup(spec)
-    except cgroups.CgroupError as e:
-        raise UserError(str(e)) from None
-
-
 @main.command()
 @click.option("--cgroup", "cgroup_spec", required=True, help="The halted agent's cgroup.")
 def resume(cgroup_spec) -> None:
@@ -377,7 +378,7 @@ def resume(cgroup_spec) -> None:
 
     try:
         host.require_root()
-        click.echo(thaw(_cgroup_arg(cgroup_spec)))
+        click.echo(thaw(cgroup_spec))
     except (ActuatorError, host.HostError) as e:
         raise UserError(str(e)) from None
 
@@ -390,7 +391,7 @@ def kill_cmd(cgroup_spec) -> None:
 
     try:
         host.require_root()
-        click.echo(kill_all(_cgroup_arg(cgroup_spec)))
+        click.echo(kill_all(cgroup_spec))
     except (ActuatorError, host.HostError) as e:
         raise UserError(str(e)) from None
 
@@ -402,6 +403,8 @@ def verify(log) -> None:
     from ebpf_guard.auditlog import DEFAULT_LOG, verify_log
 
     result = verify_log(Path(log or DEFAULT_LOG))
+    for note in result.notes:
+        click.echo(f"note: {note}")
     if result.ok:
         click.echo(f"{log or DEFAULT_LOG}: ok ({result.records} records, chain intact)")
         return
@@ -469,8 +472,10 @@ def report(log, last_hours, fmt, out_path) -> None:
     from ebpf_guard.auditlog import DEFAULT_LOG
     from ebpf_guard.report import main_report
 
+    from ebpf_guard.auditlog import log_files
+
     path = Path(log or DEFAULT_LOG)
-    if not path.exists():
+    if not log_files(path):
         raise UserError(f"no verdict log at {path}")
     text = main_report(path, last_hours, fmt)
     if out_path:

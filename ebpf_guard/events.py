@@ -7,6 +7,7 @@ plain fields, JSON round-trippable, so recorded streams replay through the engin
 
 from __future__ import annotations
 
+import ctypes as _ct
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
@@ -78,3 +79,85 @@ class Event:
         d["argv"] = tuple(d.get("argv", ()))
         d["notes"] = tuple(d.get("notes", ()))
         return cls(**d)
+
+
+# --- Kernel event layout: the ctypes mirror of bpf/events.h --------------------------------
+# Keep in step with bpf/events.h. The sensor passes these sizes to the compiler and
+# bpf/sensor.c static-asserts them, so a mismatch fails at load time, not at decode time.
+
+COMM_LEN = 16
+PATH_LEN = 256
+ARG_LEN = 256
+MAX_ARGS = 16
+NAME_LEN = 64
+UNIX_PATH_LEN = 108
+MAX_LEVELS = 8
+
+# ev_hdr.kind codes, in Kind order.
+KIND_CODES: dict[int, Kind] = {i + 1: k for i, k in enumerate(Kind)}
+
+# ev_hdr.flags
+F_KILLED = 0x1
+F_ARGV_TRUNC = 0x2
+F_PATH_TRUNC = 0x4
+F_NO_PROC = 0x8
+F_TRACKED = 0x10
+
+# Event.notes values the sensor adds.
+NOTE_KILLED = "killed_in_kernel"  # exec: SIGKILL sent at syscall entry; the program never ran
+NOTE_UNRESOLVED = "path_unresolved"  # relative path whose base (cwd/dirfd) was unknown
+NOTE_PATH_TRUNCATED = "path_truncated"  # the kernel path buffer filled up (PATH_LEN)
+NOTE_PROC_UNKNOWN = "proc_unknown"  # ppid/start_ns not known (process gone before /proc read)
+
+
+class RawEvent(_ct.Structure):
+    """struct ev_hdr: the prefix of every kernel event."""
+
+    _fields_ = [
+        ("ts_ns", _ct.c_uint64),
+        ("cgroup_id", _ct.c_uint64),
+        ("start_ns", _ct.c_uint64),
+        ("ret", _ct.c_int64),
+        ("pid", _ct.c_uint32),
+        ("tgid", _ct.c_uint32),
+        ("ppid", _ct.c_uint32),
+        ("uid", _ct.c_uint32),
+        ("kind", _ct.c_uint32),
+        ("flags", _ct.c_uint32),
+        ("fd", _ct.c_int32),
+        ("sc_flags", _ct.c_uint32),
+        ("child_pid", _ct.c_uint32),
+        ("path_len", _ct.c_uint32),
+        ("comm", _ct.c_char * COMM_LEN),
+    ]
+
+
+class RawPathEvent(_ct.Structure):
+    """struct ev_path: open, unlink, chdir."""
+
+    _fields_ = [("h", RawEvent), ("path", _ct.c_char * PATH_LEN)]
+
+
+class RawExecEvent(_ct.Structure):
+    """struct ev_exec."""
+
+    _fields_ = [
+        ("h", RawEvent),
+        ("path", _ct.c_char * PATH_LEN),
+        ("argc", _ct.c_uint32),
+        ("_pad", _ct.c_uint32),
+        ("argv", (_ct.c_char * ARG_LEN) * MAX_ARGS),
+    ]
+
+
+class RawConnectEvent(_ct.Structure):
+    """struct ev_connect."""
+
+    _fields_ = [
+        ("h", RawEvent),
+        ("family", _ct.c_uint16),
+        ("port", _ct.c_uint16),  # network byte order
+        ("addrlen", _ct.c_uint32),
+        ("addr", _ct.c_uint8 * 16),
+        ("unix_path", _ct.c_char * UNIX_PATH_LEN),
+    ]

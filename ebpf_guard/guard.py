@@ -128,7 +128,7 @@ class Guard:
         thaw_after = False
         try:
             if decision.verdict is Verdict.KILL and self.cgroup is not None and cgroups.is_populated(self.cgroup):
-                self.actuator.freezer.freeze()
+                self.actuator.freeze_now()
                 thaw_after = True
             tree = incident.snapshot_tree(self._tree_pids(decision.event))
         finally:

@@ -51,21 +51,31 @@ _BUILTIN: list[tuple[str, str, str]] = [
         + r"[^\s\"']+",
         None,  # replaced by _auth_sub
     ),
-    ("bearer", r"(?i)\b(bearer\s+)" + _NOT_MASKED + r"[A-Za-z0-9._~+/=-]{8,}", r"\1" + mask("bearer")),
+    (
+        "bearer",
+        r"(?i)\b(bearer\s+)" + _NOT_MASKED + r"[A-Za-z0-9._~+/=-]{8,}",
+        r"\1" + mask("bearer"),
+    ),
     ("openai_key", r"\bsk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}", mask("openai_key")),
-    ("github_token", r"\b(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})", mask("github_token")),
+    (
+        "github_token",
+        r"\b(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})",
+        mask("github_token"),
+    ),
     ("aws_key_id", r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b", mask("aws_key_id")),
     ("slack_token", r"\bxox[abposr]-[A-Za-z0-9-]{10,}", mask("slack_token")),
     # scheme://user:password@host -> keep user and host.
     (
         "url_password",
-        r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*):" + _NOT_MASKED + r"[^/\s@]+@",
+        r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@\[\]]*):" + _NOT_MASKED + r"[^/\s@]+@",
         r"\1:" + mask("url_password") + "@",
     ),
     # "password": "value" (JSON / Python dict text).
     (
         "secret",
-        r"(?i)([\"']" + _NAME_PREFIX + _SECRET_NAME + r"[\"']\s*:\s*)([\"'])" + _NOT_MASKED + r".*?\2",
+        r"(?i)([\"']" + _NAME_PREFIX + _SECRET_NAME + r"[\"']\s*:\s*)([\"'])"
+        + _NOT_MASKED
+        + r".*?\2",
         r"\1\2" + mask("secret") + r"\2",
     ),
     # name=value in query strings, env assignments and --name=value flags.
@@ -109,7 +119,8 @@ class Redactor:
         self._builtin: list[tuple[re.Pattern[str], Any]] = []
         for label, pattern, repl in _BUILTIN:
             flags = re.DOTALL if label == "private_key" else 0
-            self._builtin.append((re.compile(pattern, flags), repl if repl is not None else _auth_sub))
+            rx = re.compile(pattern, flags)
+            self._builtin.append((rx, repl if repl is not None else _auth_sub))
         self._extra: list[re.Pattern[str]] = []
         for pattern in extra_patterns:
             try:
@@ -177,7 +188,7 @@ class Redactor:
         if isinstance(obj, dict):
             out = {}
             for k, v in obj.items():
-                if k == "argv" and isinstance(v, list | tuple) and all(isinstance(a, str) for a in v):
+                if k == "argv" and isinstance(v, list | tuple) and all(type(a) is str for a in v):
                     v2: Any = self.redact_argv(v)
                 else:
                     v2 = self.redact_obj(v, keys=keys)

@@ -42,3 +42,11 @@ class Decision:
     event: Event
     scope: Scope = Scope.PROCESS  # for KILL: the offender or the whole cgroup
     enforced_in_kernel: bool = False  # the kernel fast path already acted (exec kill)
+    # What the rule matched on: exec path, open/unlink path, connect "ip:port" (or "*" for
+    # rate and escalation rules). `Engine.remember()` keys the operator's answer on it.
+    value: str = ""
+    # ASK only: how long to wait, what silence means ("allow" | "deny"), and the verdict a
+    # "deny" answer stands for (HALT: stay frozen, or KILL).
+    ask_timeout_s: float | None = None
+    ask_default: str | None = None
+    on_deny: Verdict | None = None

@@ -17,6 +17,9 @@ command -v apt-get >/dev/null || die "only Debian/Ubuntu (apt-get) hosts are sup
 KREL="$(uname -r)"
 ARCH="$(dpkg --print-architecture)"
 APT_PACKAGES=(python3-bpfcc python3-venv python3-pip iproute2 procps kmod util-linux ca-certificates curl git)
+# Only the HTML report render test needs a browser. On Ubuntu `chromium` is a snap shim that
+# fails in containers, so it is Debian-only; the test says so when it skips.
+OPTIONAL_PACKAGES=(chromium)
 
 apt_updated=0
 apt_update_once() { [ "$apt_updated" = 1 ] || { say "apt-get update"; apt-get update -qq; apt_updated=1; }; }
@@ -29,7 +32,14 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-setup_packages() { apt_install "${APT_PACKAGES[@]}"; }
+setup_packages() {
+  apt_install "${APT_PACKAGES[@]}"
+  if grep -qi '^ID=debian' /etc/os-release; then
+    apt_install "${OPTIONAL_PACKAGES[@]}" || say "optional packages unavailable: ${OPTIONAL_PACKAGES[*]} (the HTML render test will skip)"
+  else
+    say "not Debian: skipping optional ${OPTIONAL_PACKAGES[*]} (the HTML render test will skip)"
+  fi
+}
 
 # bcc compiles BPF C against kernel headers. Prefer headers that match the running kernel;
 # when the distro has none (custom/cloud kernels), fall back to the distro's generic headers

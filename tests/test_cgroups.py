@@ -220,9 +220,17 @@ def test_freezer_for_picks_v2(tmp_cgroup: Path) -> None:
     assert isinstance(cgroups.freezer_at(str(tmp_cgroup)), cgroups.V2Freezer)
 
 
-def test_freezer_for_refuses_root_and_own_cgroup() -> None:
+def test_freezer_for_refuses_root_and_own_cgroup(tmp_cgroup: Path) -> None:
     with pytest.raises(CgroupError, match="root cgroup"):
         cgroups.freezer_for(cgroups.find_v2_mount())
+    home = cgroups.cgroup_of_pid(os.getpid())
+    inner = cgroups.create_cgroup(tmp_cgroup, "with-guard")
+    cgroups.move_pid(inner, os.getpid())
+    try:
+        with pytest.raises(CgroupError, match="contains ebpf-guard itself"):
+            cgroups.freezer_for(tmp_cgroup)
+    finally:
+        cgroups.move_pid(home, os.getpid())  # before the fixture kills the cgroup
 
 
 def test_v1_freezer_freezes_thaws_and_kills(tmp_path: Path, spawn) -> None:
@@ -231,9 +239,11 @@ def test_v1_freezer_freezes_thaws_and_kills(tmp_path: Path, spawn) -> None:
     out = tmp_path / "progress"
     out.touch()
     # Started outside any of our cgroups, then adopted: its later children inherit the freezer.
-    p = spawn(None, f"sleep 1000 & {WRITER.format(f=out)}")
+    p = spawn(None, f"read go; sleep 1000 & {WRITER.format(f=out)}", stdin=subprocess.PIPE)
     fz = cgroups.freezer_for(None, p.pid)
     try:
+        p.stdin.write(b"go\n")
+        p.stdin.close()
         assert isinstance(fz, cgroups.V1Freezer)
         assert fz.path.parent == cgroups.find_v1_mount("freezer")
         assert isinstance(cgroups.freezer_at(str(fz.path)), cgroups.V1Freezer)

@@ -1,0 +1,101 @@
+/* The kernel -> userspace event layout. The single C definition; its ctypes mirror is in
+ * ebpf_guard/events.py (RawEvent, RawPathEvent, RawExecEvent, RawConnectEvent). The loader
+ * passes the mirror's sizes as -DPY_SIZEOF_* and sensor.c static-asserts them, so the two
+ * cannot drift apart silently.
+ *
+ * Every event starts with struct ev_hdr. Events are submitted with a variable size (header +
+ * the bytes actually used) so a short path costs a short record in the perf buffer.
+ * All fields are naturally aligned: no implicit padding on either side.
+ */
+#ifndef EBPF_GUARD_EVENTS_H
+#define EBPF_GUARD_EVENTS_H
+
+#define EG_COMM_LEN 16
+#define EG_PATH_LEN 256      /* power of two: used as a verifier bound */
+#define EG_ARG_LEN 256       /* bytes per argv slot, NUL included */
+#define EG_MAX_ARGS 16
+#define EG_NAME_LEN 64       /* exec-kill basename key */
+#define EG_UNIX_PATH_LEN 108 /* sizeof(sockaddr_un.sun_path) */
+#define EG_MAX_LEVELS 8      /* distinct cgroup depths watched at once */
+
+/* ev_hdr.kind; same order as ebpf_guard.events.Kind */
+#define EG_K_EXEC 1
+#define EG_K_OPEN 2
+#define EG_K_UNLINK 3
+#define EG_K_CONNECT 4
+#define EG_K_FORK 5
+#define EG_K_EXIT 6
+#define EG_K_CHDIR 7
+
+/* ev_hdr.flags */
+#define EG_F_KILLED 0x1      /* exec: bpf_send_signal(SIGKILL) was sent at syscall entry */
+#define EG_F_ARGV_TRUNC 0x2  /* exec: more than EG_MAX_ARGS args, or an arg was cut */
+#define EG_F_PATH_TRUNC 0x4  /* the path filled its buffer: it may have been cut */
+#define EG_F_NO_PROC 0x8     /* process started before attach and was not seeded: ppid/start_ns = 0 */
+#define EG_F_TRACKED 0x10    /* in scope through the pid-tracked set (--pid mode) */
+
+struct ev_hdr {
+    __u64 ts_ns;     /* bpf_ktime_get_ns() just before submit */
+    __u64 cgroup_id; /* cgroup v2 id of the task */
+    __u64 start_ns;  /* process start, monotonic ns (see procs map) */
+    __s64 ret;       /* syscall result (open, chdir); 0 where not reported */
+    __u32 pid;       /* thread id */
+    __u32 tgid;      /* process id */
+    __u32 ppid;
+    __u32 uid;
+    __u32 kind;
+    __u32 flags;
+    __s32 fd;        /* dirfd (open/unlink/exec), fd (fchdir/connect); AT_FDCWD = -100 */
+    __u32 sc_flags;  /* O_* (open), AT_* (unlink, execveat) */
+    __u32 child_pid; /* fork: the new process */
+    __u32 path_len;  /* bytes read into path, NUL included (0 = none) */
+    char comm[EG_COMM_LEN];
+};
+
+/* open, unlink, chdir */
+struct ev_path {
+    struct ev_hdr h;
+    char path[EG_PATH_LEN];
+};
+
+struct ev_exec {
+    struct ev_hdr h;
+    char path[EG_PATH_LEN];
+    __u32 argc; /* argv slots filled */
+    __u32 _pad;
+    char argv[EG_MAX_ARGS][EG_ARG_LEN];
+};
+
+struct ev_connect {
+    struct ev_hdr h;
+    __u16 family;  /* AF_INET / AF_INET6 / AF_UNIX */
+    __u16 port;    /* network byte order */
+    __u32 addrlen; /* as passed to connect() */
+    __u8 addr[16]; /* IPv4 in the first 4 bytes */
+    char unix_path[EG_UNIX_PATH_LEN];
+};
+
+/* Scope configuration, one entry in an array map, rewritten from Python. */
+struct scope_cfg {
+    __u32 nlevels;                /* entries used in levels[] */
+    __u32 pid_mode;               /* the tracked-pid set is in use */
+    __u32 kill_enabled;           /* the exec-kill maps are non-empty */
+    __u32 _pad;
+    __u32 levels[EG_MAX_LEVELS];  /* cgroup depths that hold a watched cgroup */
+};
+
+struct proc_info {
+    __u32 ppid;
+    __u32 _pad;
+    __u64 start_ns;
+};
+
+struct kill_path_key {
+    char s[EG_PATH_LEN];
+};
+
+struct kill_name_key {
+    char s[EG_NAME_LEN];
+};
+
+#endif

@@ -1,0 +1,569 @@
+"""The policy engine: events in, decisions out.
+
+Pure by design: no I/O, no clock (event timestamps are the only time), no root. Anything
+about the host arrives injected: `home_of(uid)` and the DNS answers in
+`set_host_addresses()`. The same event sequence therefore always yields the same
+decisions, which is what `replay` relies on.
+
+Evaluation order (docs/policy.md keeps the user-facing version of this):
+  1. specific deny rules (FLAG..KILL naming a target): the most severe match wins,
+     ties go to the rule written first;
+  2. allow rules (SAFE naming a target): the first match wins;
+  3. catch-all rules (no target: e.g. "any write", "any connect"): as in 1;
+  4. the policy `default`.
+Then: FLAG escalation per process tree, then the mode (confirm: HALT -> ASK).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ebpf_guard.events import CREATE, READ, TRUNCATE, WRITE, Event, Kind
+from ebpf_guard.matchers import (
+    AddrIndex,
+    GlobSet,
+    PathIndex,
+    basename,
+    canonical_ip,
+    expand_vars,
+    is_literal,
+    normalize_path,
+    parse_network,
+    variables_in,
+)
+from ebpf_guard.policy import Policy, Rule
+from ebpf_guard.verdicts import Decision, Mode, Verdict
+
+NOTE_KILLED = "killed_in_kernel"
+ESCALATION_PREFIX = "escalation:"
+_ALL = "*"  # remember() key for rules whose decision is not about one value (rate, escalation)
+_TREE_KINDS = (Kind.FORK, Kind.EXIT, Kind.CHDIR)
+_WRITES = frozenset({WRITE, CREATE, TRUNCATE})
+
+TreeKey = tuple[int, int]  # (tgid, start_ns) of the top-most known ancestor
+
+
+def _access_from_flags(flags: int) -> frozenset[str]:
+    # Only used when the sensor left `access` empty (older recordings).
+    acc = {0: {READ}, 1: {WRITE}, 2: {READ, WRITE}}.get(flags & 0o3, {READ})
+    if flags & 0o100:
+        acc.add(CREATE)
+    if flags & 0o1000:
+        acc.add(TRUNCATE)
+    return frozenset(acc)
+
+
+def _options(args: tuple[str, ...]) -> tuple[set[str], set[str], list[str]]:
+    """(short option letters, long option names, operands) of an argv tail (GNU style)."""
+    short: set[str] = set()
+    long: set[str] = set()
+    operands: list[str] = []
+    it = iter(args)
+    for a in it:
+        if a == "--":
+            operands.extend(it)
+            break
+        if a.startswith("--"):
+            long.add(a[2:].split("=", 1)[0])
+        elif a.startswith("-") and len(a) > 1:
+            short.update(a[1:])
+        else:
+            operands.append(a)
+    return short, long, operands
+
+
+@dataclass(slots=True)
+class _Ctx:
+    """What the matchers need about one event, computed once."""
+
+    ev: Event
+    path: str | None  # normalised target path (exec/open/unlink), unix socket path (connect)
+    cwd: str | None
+    ip: Any = None
+    hosts: frozenset[str] = frozenset()
+    _opts: tuple[set[str], set[str], list[str]] | None = None
+
+    @property
+    def opts(self) -> tuple[set[str], set[str], list[str]]:
+        if self._opts is None:
+            self._opts = _options(self.ev.argv[1:])
+        return self._opts
+
+
+class _CRule:
+    """A rule compiled for one home directory (and the engine's workspace)."""
+
+    __slots__ = (
+        "rule", "index", "names", "paths", "paths_not", "args_any", "args_regex", "flags",
+        "operands", "operands_not", "nets", "nets_not", "hosts", "dead",
+    )  # fmt: skip
+
+    def __init__(self, rule: Rule, values: dict[str, str | None]):
+        m = rule.match
+        self.rule = rule
+        self.dead = False  # a positive condition whose every pattern needs an unknown value
+
+        def globs(patterns: tuple[str, ...], positive: bool) -> GlobSet:
+            expanded = [expand_vars(p, values) for p in patterns]
+            kept = [normalize_glob(p) for p in expanded if p is not None]
+            if positive and patterns and not kept:
+                self.dead = True
+            return GlobSet(kept)
+
+        self.names = globs(m.names, True)
+        self.paths = globs(m.paths, True)
+        self.paths_not = globs(m.paths_not, False)
+        self.operands = globs(m.operands, True)
+        self.operands_not = globs(m.operands_not, False)
+        self.args_any = (
+            re.compile("|".join(fnmatch.translate(a) for a in m.args_any)) if m.args_any else None
+        )
+        self.args_regex = re.compile(m.args_regex) if m.args_regex else None
+        self.flags = [
+            ("long", f[2:]) if f.startswith("--") else ("short", frozenset(f[1:])) for f in m.flags
+        ]
+        self.nets = [parse_network(a) for a in m.addrs]
+        self.nets_not = [parse_network(a) for a in m.addrs_not]
+        self.hosts = frozenset(m.hosts)
+        # Which condition the per-kind index already checked (so check() can skip it).
+        if rule.kind is Kind.CONNECT:
+            self.index = "addr" if m.addrs else "host" if m.hosts else "path" if m.paths else None
+        else:
+            self.index = "name" if m.names else "path" if m.paths else None
+
+    def check(self, c: _Ctx) -> bool:
+        """Every condition except the one the index already matched."""
+        m, ev, idx = self.rule.match, c.ev, self.index
+        kind = self.rule.kind
+        if kind is Kind.CONNECT:
+            if m.family and ev.family not in m.family:
+                return False
+            if self.nets and idx != "addr" and not any(c.ip in n for n in self.nets if c.ip):
+                return False
+            if self.nets_not and c.ip is not None and any(c.ip in n for n in self.nets_not):
+                return False
+            if m.ports and not any(lo <= ev.port <= hi for lo, hi in m.ports):
+                return False
+            if self.hosts and idx != "host" and not (self.hosts & c.hosts):
+                return False
+            if self.paths and idx != "path" and not (c.path and self.paths.match(c.path)):
+                return False
+            return True
+        if self.names and idx != "name":
+            if not (c.path or ev.raw_path) or not self.names.match("/" + basename(c.path or ev.raw_path)):
+                return False
+        if self.paths and idx != "path" and not (c.path and self.paths.match(c.path)):
+            return False
+        if self.paths_not and c.path and self.paths_not.match(c.path):
+            return False
+        if kind is Kind.OPEN:
+            if m.access and not (m.access & (ev.access or _access_from_flags(ev.flags))):
+                return False
+        elif kind is Kind.UNLINK:
+            if m.dir is not None and ev.is_dir != m.dir:
+                return False
+        elif kind is Kind.EXEC:
+            args = ev.argv[1:]
+            if self.args_any is not None and not any(self.args_any.match(a) for a in args):
+                return False
+            if self.args_regex is not None and not self.args_regex.search(" ".join(args)):
+                return False
+            if self.flags or self.operands or self.operands_not:
+                short, long, operands = c.opts
+                if self.flags and not any(
+                    (v in long) if t == "long" else v <= short for t, v in self.flags
+                ):
+                    return False
+                if self.operands or self.operands_not:
+                    resolved = [
+                        normalize_path(o, c.cwd or "/") if o.startswith("/") or c.cwd else None
+                        for o in operands
+                    ]
+                    if self.operands and not any(p and self.operands.match(p) for p in resolved):
+                        return False
+                    # Fail closed: a relative operand with an unknown cwd counts as outside.
+                    if self.operands_not and not any(
+                        p is None or not self.operands_not.match(p) for p in resolved
+                    ):
+                        return False
+        return True
+
+
+def normalize_glob(pattern: str) -> str:
+    """Collapse `//` and `/./` left by variable expansion; keep a trailing `/` (dir + below)."""
+    if "/" not in pattern:
+        return pattern
+    trailing = pattern.endswith("/") and pattern != "/"
+    lead = "**/" if pattern.startswith("**/") else ""
+    body = pattern[len(lead) :]
+    if body.startswith("/"):
+        body = "/" + "/".join(s for s in body.split("/") if s not in ("", "."))
+    return lead + body + ("/" if trailing and not body.endswith("/") else "")
+
+
+class _KindIndex:
+    def __init__(self) -> None:
+        self.paths: PathIndex[int] = PathIndex()
+        self.addrs: AddrIndex[int] = AddrIndex()
+        self.hosts: dict[str, list[int]] = {}
+        self.always: list[int] = []
+
+
+class _Compiled:
+    """All rules compiled for one home directory, indexed by event kind."""
+
+    def __init__(self, rules: tuple[Rule, ...], values: dict[str, str | None]):
+        self.crules = [_CRule(r, values) for r in rules]
+        self.kinds: dict[Kind, _KindIndex] = {}
+        for i, cr in enumerate(self.crules):
+            if cr.dead:
+                continue
+            ki = self.kinds.setdefault(cr.rule.kind, _KindIndex())
+            if cr.index == "name":
+                for p in cr.names.patterns:
+                    ki.paths.add(p, i)
+            elif cr.index == "path":
+                for p in cr.paths.patterns:
+                    ki.paths.add(p, i)
+            elif cr.index == "addr":
+                for a in cr.rule.match.addrs:
+                    ki.addrs.add(a, i)
+            elif cr.index == "host":
+                for h in cr.hosts:
+                    ki.hosts.setdefault(h, []).append(i)
+            else:
+                ki.always.append(i)
+
+    def matching(self, c: _Ctx) -> list[int]:
+        ki = self.kinds.get(c.ev.kind)
+        if ki is None:
+            return []
+        cand: list[int] = list(ki.always)
+        if c.path:
+            cand.extend(ki.paths.lookup(c.path))
+        elif c.ev.kind is Kind.EXEC and c.ev.raw_path:
+            cand.extend(ki.paths.lookup("/" + basename(c.ev.raw_path)))  # name rules only
+        if ki.addrs and c.ip is not None:
+            cand.extend(ki.addrs.lookup(c.ip))
+        for h in c.hosts:
+            cand.extend(ki.hosts.get(h, ()))
+        # Dedupe and restore policy order: the order is part of the semantics (ties).
+        return sorted(i for i in set(cand) if self.crules[i].check(c))
+
+
+class Engine:
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        workspace: str,
+        home_of: Callable[[int], str | None],
+        mode: Mode | None = None,
+    ):
+        ws = workspace or policy.workspace
+        if not ws:
+            raise ValueError("no workspace: pass workspace= or set `workspace` in the policy")
+        self.policy = policy
+        self.workspace = normalize_path(ws)
+        self._mode = mode or policy.mode
+        self._home_of = home_of
+        self._homes: dict[int, str | None] = {}
+        self._compiled: dict[str | None, _Compiled] = {}
+        self._rules = policy.rules
+        self._by_name = {r.name: r for r in policy.rules}
+        self._ip_hosts: dict[Any, frozenset[str]] = {}
+        self._tree_of: dict[int, TreeKey] = {}
+        self._cwd: dict[int, str] = {}
+        self._rate_hits: dict[tuple[int, TreeKey], deque[int]] = {}
+        self._flags: dict[TreeKey, deque[int]] = {}
+        self._memory: dict[tuple[str, str], bool] = {}
+
+    @property
+    def mode(self) -> Mode:
+        return self._mode
+
+    # ------------------------------------------------------------ public API
+
+    def evaluate(self, event: Event) -> Decision:
+        kind = event.kind
+        if kind in _TREE_KINDS:
+            self._track(event)
+            return Decision(Verdict.SAFE, "", "", event)
+        tree = self._tree(event)
+        c = self._context(event)
+        comp = self._compiled_for(event.uid)
+        hits: list[Rule] = []
+        for i in comp.matching(c):
+            rule = self._rules[i]
+            if rule.rate is None or self._count(i, rule, tree, event.ts_ns):
+                hits.append(rule)
+        return self._decide(event, c, hits, tree)
+
+    def set_host_addresses(self, mapping: dict[str, list[str]]) -> None:
+        """Replace the DNS answers for `hostnames()` (the caller refreshes them)."""
+        by_ip: dict[Any, set[str]] = {}
+        for host, addrs in mapping.items():
+            for a in addrs:
+                ip = canonical_ip(a)
+                if ip is not None:
+                    by_ip.setdefault(ip, set()).add(host.lower().rstrip("."))
+        self._ip_hosts = {ip: frozenset(h) for ip, h in by_ip.items()}
+
+    def hostnames(self) -> list[str]:
+        return sorted({h for r in self._rules for h in r.match.hosts})
+
+    def kernel_exec_kills(self) -> tuple[frozenset[str], frozenset[str]]:
+        """(file names, exact paths) whose exec the kernel may SIGKILL at syscall entry.
+
+        Only patterns the kernel can compare exactly: KILL exec rules in enforce mode without
+        argv/rate/path_not conditions, literal names or paths, no `{home}` (per-user). A
+        KILL is the most severe verdict and specific deny rules are evaluated before allow
+        rules, so no allow rule can override these; an operator's remembered "allow" can,
+        which is why this is recomputed on each call.
+        """
+        names: set[str] = set()
+        paths: set[str] = set()
+        if self._mode is not Mode.ENFORCE:
+            return frozenset(), frozenset()
+        allowed = {rule for (rule, _), allow in self._memory.items() if allow}
+        for r in self._rules:
+            m = r.match
+            if (
+                r.kind is not Kind.EXEC or r.verdict is not Verdict.KILL or r.tier != 1
+                or r.rate is not None or r.name in allowed or (m.names and m.paths)
+                or m.paths_not or m.args_any or m.args_regex or m.flags or m.operands
+                or m.operands_not
+            ):  # fmt: skip
+                continue
+            for p in m.names or m.paths:
+                if "home" in variables_in(p) or not is_literal(p):
+                    continue
+                value = expand_vars(p, {"workspace": self.workspace})
+                if value is None:
+                    continue
+                if "/" in value:
+                    paths.add(normalize_path(value))
+                else:
+                    names.add(value)
+        return frozenset(names), frozenset(paths)
+
+    def remember(self, decision: Decision, allow: bool) -> None:
+        """The operator's answer to an ASK, for the rest of the run: the same rule with the
+        same value (exec path, open path, connect destination) is then SAFE (allow) or the
+        rule's deny verdict, without asking again."""
+        self._memory[(decision.rule, self._memory_value(decision.rule, decision.value))] = allow
+
+    # ------------------------------------------------------------ process trees
+
+    def _tree(self, ev: Event) -> TreeKey:
+        t = self._tree_of.get(ev.tgid)
+        if t is None:
+            # First sight of a process: join its parent's tree if we know it, else root one.
+            t = self._tree_of.get(ev.ppid) or (ev.tgid, ev.start_ns)
+            self._tree_of[ev.tgid] = t
+        return t
+
+    def _track(self, ev: Event) -> None:
+        if ev.kind is Kind.FORK:
+            parent = self._tree(ev)
+            if ev.child_pid and ev.child_pid != ev.tgid:
+                self._tree_of[ev.child_pid] = parent
+                if ev.tgid in self._cwd:
+                    self._cwd[ev.child_pid] = self._cwd[ev.tgid]
+        elif ev.kind is Kind.EXIT:
+            if ev.pid == ev.tgid:  # thread exits don't end the process
+                self._tree_of.pop(ev.tgid, None)
+                self._cwd.pop(ev.tgid, None)
+        elif ev.kind is Kind.CHDIR:
+            self._tree(ev)
+            if ev.path and (ev.ret is None or ev.ret >= 0):
+                self._cwd[ev.tgid] = normalize_path(ev.path)
+
+    def _context(self, ev: Event) -> _Ctx:
+        cwd = self._cwd.get(ev.tgid)
+        if ev.kind is Kind.CONNECT:
+            if ev.family == "unix":
+                path = ev.addr if ev.addr.startswith("/") else None
+                return _Ctx(ev, normalize_path(path) if path else None, cwd)
+            ip = canonical_ip(ev.addr)
+            return _Ctx(ev, None, cwd, ip, self._ip_hosts.get(ip, frozenset()))
+        path = None
+        if ev.path:
+            path = normalize_path(ev.path)
+            raw = ev.raw_path
+            # A relative path the sensor resolved tells us the cwd (used for rm operands).
+            if raw and not raw.startswith("/") and ".." not in raw and cwd is None:
+                tail = "/" + normalize_path(raw).lstrip("/")
+                if path.endswith(tail) and len(path) > len(tail):
+                    self._cwd[ev.tgid] = cwd = path[: -len(tail)]
+        elif ev.raw_path.startswith("/") or (ev.raw_path and cwd):
+            path = normalize_path(ev.raw_path, cwd or "/")
+        return _Ctx(ev, path, cwd)
+
+    # ------------------------------------------------------------ rules
+
+    def _compiled_for(self, uid: int) -> _Compiled:
+        if uid in self._homes:
+            home = self._homes[uid]
+        else:
+            home = self._home_of(uid)
+            home = normalize_path(home) if home else None
+            self._homes[uid] = home
+        comp = self._compiled.get(home)
+        if comp is None:
+            # Compiled once per distinct home directory; `{workspace}` is fixed per engine.
+            comp = _Compiled(self._rules, {"home": home, "workspace": self.workspace})
+            self._compiled[home] = comp
+        return comp
+
+    def _count(self, i: int, rule: Rule, tree: TreeKey, ts: int) -> bool:
+        """Record one match of a rate rule; True when it reached `count` within `window`."""
+        assert rule.rate is not None
+        hits = self._rate_hits.setdefault((i, tree), deque())
+        hits.append(ts)
+        horizon = ts - rule.rate.window_ns
+        while hits and hits[0] <= horizon:
+            hits.popleft()
+        return len(hits) >= rule.rate.count
+
+    @staticmethod
+    def _memory_value(rule: str, value: str) -> str:
+        return _ALL if rule.startswith(ESCALATION_PREFIX) else value
+
+    def _recall(self, rule: Rule, value: str) -> bool | None:
+        return self._memory.get((rule.name, _ALL if rule.rate else value))
+
+    @staticmethod
+    def _deny_verdict(rule: Rule) -> Verdict:
+        return rule.on_deny if rule.verdict is Verdict.ASK else rule.verdict
+
+    def _pick(self, rules: list[Rule], value: str) -> tuple[Rule | None, Verdict, bool, Rule | None]:
+        """Most severe of `rules` (earliest on ties) after remembered answers:
+        (rule, verdict, from_memory, a remembered-allowed rule if any)."""
+        best: Rule | None = None
+        best_v, best_mem, allowed = Verdict.SAFE, False, None
+        for r in rules:
+            answer = self._recall(r, value)
+            if answer is True:
+                allowed = allowed or r
+                continue
+            v = self._deny_verdict(r) if answer is False else r.verdict
+            if best is None or v.severity > best_v.severity:
+                best, best_v, best_mem = r, v, answer is False
+        return best, best_v, best_mem, allowed
+
+    def _decide(self, ev: Event, c: _Ctx, hits: list[Rule], tree: TreeKey) -> Decision:
+        value = _value(ev, c)
+        rule: Rule | None = None
+        verdict = self.policy.default
+        remembered = False
+        note = ""
+        for tier in (1, 2, 3):
+            in_tier = [r for r in hits if r.tier == tier]
+            if not in_tier:
+                continue
+            if tier == 2:
+                rule, verdict = in_tier[0], Verdict.SAFE
+                break
+            best, v, mem, allowed = self._pick(in_tier, value)
+            if best is not None:
+                rule, verdict, remembered = best, v, mem
+                break
+            if allowed is not None:
+                rule, verdict, remembered = allowed, Verdict.SAFE, True
+                break
+        else:
+            answer = self._memory.get(("", value))
+            if answer is not None:
+                remembered = True
+                verdict = Verdict.SAFE if answer else (
+                    Verdict.HALT if verdict is Verdict.ASK else verdict
+                )  # fmt: skip
+
+        if rule is not None and rule.rate is not None and not remembered:
+            self._rate_hits.pop((rule.order, tree), None)  # one decision per burst
+
+        name = rule.name if rule else ""
+        if remembered:
+            note = " (allowed earlier by the operator)" if verdict is Verdict.SAFE else (
+                " (denied earlier by the operator)"
+            )  # fmt: skip
+        reason = self._reason(rule, ev, c, value, verdict) + note
+        dec_value = _ALL if rule is not None and rule.rate is not None else value
+
+        if verdict is Verdict.FLAG:
+            escalated = self._escalate(tree, ev.ts_ns)
+            if escalated:
+                esc = ESCALATION_PREFIX + name
+                answer = self._memory.get((esc, _ALL))
+                if answer is not True:
+                    n, w = self.policy.flag_threshold, self.policy.flag_window_s
+                    reason = f"{n} FLAGs within {w:g}s in one process tree; latest: {reason}"
+                    name, verdict, dec_value, remembered = esc, Verdict.HALT, _ALL, answer is False
+
+        scope = rule.scope if rule is not None and verdict is Verdict.KILL else rule.scope if rule else None
+        on_deny: Verdict | None = None
+        if verdict is Verdict.HALT and self._mode is Mode.CONFIRM and not remembered:
+            verdict, on_deny = Verdict.ASK, Verdict.HALT
+        elif verdict is Verdict.ASK:
+            on_deny = self._deny_verdict(rule) if rule is not None else Verdict.HALT
+        d = Decision(verdict, name, reason, ev, value=dec_value)
+        if scope is not None:
+            d.scope = scope
+        if verdict is Verdict.ASK:
+            d.ask_timeout_s = self.policy.ask.timeout_s
+            d.ask_default = self.policy.ask.default
+            d.on_deny = on_deny
+        if ev.kind is Kind.EXEC and NOTE_KILLED in ev.notes:
+            d.enforced_in_kernel = True
+            if verdict is not Verdict.KILL:  # stale kernel set: say so rather than hide it
+                d.reason += " [already killed in kernel]"
+        return d
+
+    def _escalate(self, tree: TreeKey, ts: int) -> bool:
+        n = self.policy.flag_threshold
+        if n <= 0:
+            return False
+        flags = self._flags.setdefault(tree, deque())
+        flags.append(ts)
+        horizon = ts - self.policy.flag_window_ns
+        while flags and flags[0] <= horizon:
+            flags.popleft()
+        if len(flags) >= n:
+            flags.clear()  # one escalation per burst
+            return True
+        return False
+
+    def _reason(self, rule: Rule | None, ev: Event, c: _Ctx, value: str, verdict: Verdict) -> str:
+        if rule is None:
+            return f"policy default {verdict.value} for {ev.kind.value} {value}".rstrip()
+        if not rule.reason:
+            return f"{rule.name}: {ev.kind.value} {value}".rstrip()
+        rate = rule.rate
+        fields = {
+            "rule": rule.name, "kind": ev.kind.value, "verdict": verdict.value,
+            "path": c.path or ev.path or ev.raw_path, "raw_path": ev.raw_path, "comm": ev.comm,
+            "pid": ev.tgid, "tgid": ev.tgid, "ppid": ev.ppid, "uid": ev.uid,
+            "argv": " ".join(ev.argv), "addr": ev.addr, "port": ev.port,
+            "host": ",".join(sorted(c.hosts)), "dest": value, "value": value,
+            "count": rate.count if rate else "", "window": f"{rate.window_s:g}s" if rate else "",
+            "home": self._homes.get(ev.uid) or "", "workspace": self.workspace,
+        }  # fmt: skip
+        try:
+            return rule.reason.format_map(fields)
+        except (ValueError, KeyError, IndexError, AttributeError):
+            return rule.reason
+
+
+def _value(ev: Event, c: _Ctx) -> str:
+    """What a decision is about; `remember()` keys on it."""
+    if ev.kind is Kind.CONNECT:
+        if ev.family == "unix":
+            return ev.addr
+        return f"[{ev.addr}]:{ev.port}" if ":" in ev.addr else f"{ev.addr}:{ev.port}"
+    return c.path or ev.raw_path

@@ -1,0 +1,103 @@
+"""Helpers for end-to-end tests that drive the real `ebpf-guard` command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+GUARD = [sys.executable, "-m", "ebpf_guard.cli"]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def guard(*args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    """Run `ebpf-guard ARGS` to completion, capturing text output."""
+    return subprocess.run([*GUARD, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=kw.pop("cwd", REPO), **kw)
+
+
+def records(log: Path, type_: str = "verdict") -> list[dict]:
+    if not log.exists():
+        return []
+    out = [orjson.loads(line) for line in log.read_bytes().splitlines() if line.strip()]
+    return [r for r in out if r.get("type") == type_]
+
+
+def children_of(parent: Path) -> list[Path]:
+    return [p for p in parent.iterdir() if p.is_dir()]
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {predicate}")
+
+
+def cgroup_leftovers(root: Path, prefix: str) -> list[Path]:
+    return [p for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix)]
+
+
+def as_nobody() -> dict:
+    """subprocess kwargs that run the child as uid/gid 65534."""
+    def drop() -> None:
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+    return {"preexec_fn": drop}
+
+
+class GuardRun:
+    """`ebpf-guard run` in the background under a test-owned parent cgroup."""
+
+    def __init__(self, parent: Path, log: Path, cmd: list[str], *, policy: Path | None = None,
+                 mode: str | None = None, workspace: Path | None = None, extra: tuple[str, ...] = (),
+                 env: dict | None = None) -> None:
+        args = [*GUARD, "run", "--cgroup-parent", str(parent), "--log", str(log), "--quiet"]
+        if policy is not None:
+            args += ["--policy", str(policy)]
+        if mode is not None:
+            args += ["--mode", mode]
+        if workspace is not None:
+            args += ["--workspace", str(workspace)]
+        self.parent, self.log = parent, log
+        self.proc = subprocess.Popen([*args, *extra, "--", *cmd], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+
+    def cgroup(self, timeout: float = 30) -> Path:
+        return wait_for(lambda: children_of(self.parent), timeout=timeout)[0]
+
+    def wait(self, timeout: float = 60) -> int:
+        try:
+            self.out, self.err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.out, self.err = self.proc.communicate()
+            raise
+        return self.proc.returncode
+
+    def verdicts(self) -> list[dict]:
+        return records(self.log)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            for child in children_of(self.parent):
+                subprocess.run([*GUARD, "kill", "--cgroup", str(child)], capture_output=True)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> GuardRun:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
