@@ -37,7 +37,7 @@ from ebpf_guard.matchers import (
     variables_in,
 )
 from ebpf_guard.policy import Policy, Rule
-from ebpf_guard.verdicts import Decision, Mode, Verdict
+from ebpf_guard.verdicts import Decision, Mode, Scope, Verdict
 
 NOTE_KILLED = "killed_in_kernel"
 ESCALATION_PREFIX = "escalation:"
@@ -155,7 +155,9 @@ class _CRule:
                 return False
             return True
         if self.names and idx != "name":
-            if not (c.path or ev.raw_path) or not self.names.match("/" + basename(c.path or ev.raw_path)):
+            if not (c.path or ev.raw_path) or not self.names.match(
+                "/" + basename(c.path or ev.raw_path)
+            ):
                 return False
         if self.paths and idx != "path" and not (c.path and self.paths.match(c.path)):
             return False
@@ -343,7 +345,7 @@ class Engine:
             for p in m.names or m.paths:
                 if "home" in variables_in(p) or not is_literal(p):
                     continue
-                value = expand_vars(p, {"workspace": self.workspace})
+                value = expand_vars(p, {"workspace": self.workspace}, escape=False)
                 if value is None:
                     continue
                 if "/" in value:
@@ -442,7 +444,9 @@ class Engine:
     def _deny_verdict(rule: Rule) -> Verdict:
         return rule.on_deny if rule.verdict is Verdict.ASK else rule.verdict
 
-    def _pick(self, rules: list[Rule], value: str) -> tuple[Rule | None, Verdict, bool, Rule | None]:
+    def _pick(
+        self, rules: list[Rule], value: str
+    ) -> tuple[Rule | None, Verdict, bool, Rule | None]:
         """Most severe of `rules` (earliest on ties) after remembered answers:
         (rule, verdict, from_memory, a remembered-allowed rule if any)."""
         best: Rule | None = None
@@ -506,15 +510,14 @@ class Engine:
                     reason = f"{n} FLAGs within {w:g}s in one process tree; latest: {reason}"
                     name, verdict, dec_value, remembered = esc, Verdict.HALT, _ALL, answer is False
 
-        scope = rule.scope if rule is not None and verdict is Verdict.KILL else rule.scope if rule else None
+        # Only KILL rules may name a scope (validated); everything else acts on the process.
+        scope = rule.scope if rule is not None and verdict is Verdict.KILL else Scope.PROCESS
         on_deny: Verdict | None = None
         if verdict is Verdict.HALT and self._mode is Mode.CONFIRM and not remembered:
             verdict, on_deny = Verdict.ASK, Verdict.HALT
         elif verdict is Verdict.ASK:
             on_deny = self._deny_verdict(rule) if rule is not None else Verdict.HALT
-        d = Decision(verdict, name, reason, ev, value=dec_value)
-        if scope is not None:
-            d.scope = scope
+        d = Decision(verdict, name, reason, ev, scope=scope, value=dec_value)
         if verdict is Verdict.ASK:
             d.ask_timeout_s = self.policy.ask.timeout_s
             d.ask_default = self.policy.ask.default

@@ -83,9 +83,15 @@ def variables_in(pattern: str) -> list[str]:
     return names
 
 
-def expand_vars(pattern: str, values: dict[str, str | None]) -> str | None:
+def escape_glob(text: str) -> str:
+    """`text` as a glob matching itself: metacharacters become one-character classes."""
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def expand_vars(pattern: str, values: dict[str, str | None], *, escape: bool = True) -> str | None:
     """Substitute `{home}`, `{workspace}` and a leading `~`. None if a value is unknown:
-    a pattern about a home directory cannot match for a user without one."""
+    a pattern about a home directory cannot match for a user without one. Values are
+    glob-escaped (a home like /home/a[1] must not turn into a character class)."""
     if pattern == "~" or pattern.startswith("~/"):
         pattern = "{home}" + pattern[1:]
     if "{" not in pattern:
@@ -98,10 +104,11 @@ def expand_vars(pattern: str, values: dict[str, str | None]) -> str | None:
         if not value:
             missing = True
             return ""
-        return value.rstrip("/") or ""  # "{home}/x" with home "/" must give "/x"
+        value = value.rstrip("/")  # "{home}/x" with home "/" must give "/x"
+        return escape_glob(value) if escape else value
 
     out = _VAR_RE.sub(sub, pattern)
-    return None if missing else out
+    return None if missing else (out or "/")
 
 
 # ---------------------------------------------------------------- globs
@@ -277,7 +284,9 @@ class PathIndex(Generic[P]):
             hits.extend(self._base_exact.get(name, ()))
         if self._base_globs:
             if self._base_any is None:
-                self._base_any = re.compile("|".join(f"(?:{rx.pattern})" for rx, _ in self._base_globs))
+                self._base_any = re.compile(
+                    "|".join(f"(?:{rx.pattern})" for rx, _ in self._base_globs)
+                )
             if self._base_any.fullmatch(name):
                 hits.extend(p for rx, p in self._base_globs if rx.fullmatch(name))
         return hits

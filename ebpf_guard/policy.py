@@ -193,7 +193,9 @@ def load_policy(path: str | Path) -> Policy:
     try:
         text = path.read_text()
     except OSError as e:
-        raise PolicyError([PolicyIssue(str(path), 0, "", f"cannot read policy: {e.strerror}")]) from e
+        raise PolicyError(
+            [PolicyIssue(str(path), 0, "", f"cannot read policy: {e.strerror}")]
+        ) from e
     return _Parser().parse(text, str(path), base_dir=path.parent)
 
 
@@ -284,13 +286,16 @@ class _Parser:
         layer = self._layer(text, source, base_dir, seen=())
         policy = self._build(layer, source) if layer is not None else None
         if self.issues or policy is None:
-            # Stable order: by file (as first seen), then line.
-            files = {f: i for i, f in enumerate(dict.fromkeys(i.file for i in self.issues))}
+            # Stable order: base files before the files extending them, then by line.
+            order = [*(layer.files if layer else ()), *(i.file for i in self.issues)]
+            files = {f: i for i, f in reversed(list(enumerate(order)))}
             self.issues.sort(key=lambda i: (files[i.file], i.line))
             raise PolicyError(self.issues)
         return policy
 
-    def _layer(self, text: str, source: str, base_dir: Path, seen: tuple[str, ...]) -> _Layer | None:
+    def _layer(
+        self, text: str, source: str, base_dir: Path, seen: tuple[str, ...]
+    ) -> _Layer | None:
         try:
             root = yaml.compose(text, Loader=yaml.SafeLoader)
         except yaml.MarkedYAMLError as e:
@@ -307,7 +312,11 @@ class _Parser:
         if "version" not in top:
             self.err(source, 1, "version", "missing required key 'version'")
         else:
-            v = _value(top["version"].node) if isinstance(top["version"].node, yaml.ScalarNode) else None
+            v = (
+                _value(top["version"].node)
+                if isinstance(top["version"].node, yaml.ScalarNode)
+                else None
+            )
             if v not in SUPPORTED_VERSIONS or isinstance(v, bool):
                 self.at(top["version"], f"unsupported version {v!r} (supported: 1)")
 
@@ -414,7 +423,9 @@ class _Parser:
             self.at(item, f"expected a non-empty string, got {v!r}")
         return None
 
-    def _strings(self, item: _Item, lists: dict[str, list[tuple[str, _Item]]] | None) -> list[tuple[str, _Item]]:
+    def _strings(
+        self, item: _Item, lists: dict[str, list[tuple[str, _Item]]] | None
+    ) -> list[tuple[str, _Item]]:
         """A string or list of strings; `$name` items splice the named list (if `lists`)."""
         nodes = item.node.value if isinstance(item.node, yaml.SequenceNode) else [item.node]
         seq = isinstance(item.node, yaml.SequenceNode)
@@ -430,7 +441,9 @@ class _Parser:
             if lists is not None and s.startswith("$"):
                 name = s[1:]
                 if name not in lists:
-                    self.at(sub, f"unknown list {s!r}{_suggest(name, lists)}")
+                    self.at(
+                        sub, f"unknown list {s!r}{_suggest('$' + name, ['$' + k for k in lists])}"
+                    )
                     continue
                 out.extend(lists[name])
             else:
@@ -450,7 +463,10 @@ class _Parser:
             if v in modes:
                 mode = Mode(v)
             else:
-                self.at(top["mode"], f"unknown mode {v!r}{_suggest(v, modes)} (one of {', '.join(modes)})")
+                self.at(
+                    top["mode"],
+                    f"unknown mode {v!r}{_suggest(v, modes)} (one of {', '.join(modes)})",
+                )
 
         workspace = None
         if "workspace" in top and top["workspace"].node.tag != "tag:yaml.org,2002:null":
@@ -469,7 +485,9 @@ class _Parser:
             if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
                 threshold = v
             else:
-                self.at(top["flag_threshold"], f"expected a whole number >= 0 (0 disables), got {v!r}")
+                self.at(
+                    top["flag_threshold"], f"expected a whole number >= 0 (0 disables), got {v!r}"
+                )
         window = 60.0
         if "flag_window" in top:
             window = self._duration(top["flag_window"]) or window
@@ -539,7 +557,7 @@ class _Parser:
                     if ref in defs:
                         out.extend(resolve(ref))
                     else:
-                        self.at(it, f"unknown list {s!r}{_suggest(ref, defs)}")
+                        self.at(it, f"unknown list {s!r}{_suggest(s, ['$' + k for k in defs])}")
                 else:
                     out.append((s, it))
             active.pop()
@@ -550,19 +568,27 @@ class _Parser:
             resolve(name)
         return done
 
-    def _verdict(self, item: _Item, allowed: tuple[Verdict, ...] = tuple(Verdict)) -> Verdict | None:
+    def _verdict(
+        self, item: _Item, allowed: tuple[Verdict, ...] = tuple(Verdict)
+    ) -> Verdict | None:
         v = self._scalar(item)
         names = [a.value for a in allowed]
         if isinstance(v, str) and v.upper() in names:
             return Verdict(v.upper())
-        self.at(item, f"unknown verdict {v!r}{_suggest(str(v).upper(), names)} (one of {', '.join(names)})")
+        self.at(
+            item,
+            f"unknown verdict {v!r}{_suggest(str(v).upper(), names)} (one of {', '.join(names)})",
+        )
         return None
 
     def _duration(self, item: _Item) -> float | None:
         v = self._scalar(item)
         seconds = parse_duration(v)
         if seconds is None:
-            self.at(item, f"bad duration {v!r}: use a positive number of seconds or e.g. 500ms, 10s, 2m, 1h")
+            self.at(
+                item,
+                f"bad duration {v!r}: use a positive number of seconds or e.g. 500ms, 10s, 2m, 1h",
+            )
         return seconds
 
     def _globs(self, item: _Item, lists: dict, *, what: str = "path") -> tuple[str, ...]:
@@ -575,7 +601,11 @@ class _Parser:
     def _check_glob(self, pattern: str, item: _Item, what: str) -> bool:
         unknown = [v for v in variables_in(pattern) if v not in VARIABLES]
         if unknown:
-            self.at(item, f"unknown variable {{{unknown[0]}}} in {pattern!r}{_suggest(unknown[0], VARIABLES)}")
+            self.at(
+                item,
+                f"unknown variable {{{unknown[0]}}} in {pattern!r}"
+                f"{_suggest(unknown[0], VARIABLES)}",
+            )
             return False
         # Compile with stand-in values: the real ones are only known to the engine.
         probe = expand_vars(pattern, {"home": "/home/u", "workspace": "/work/w"})
@@ -605,7 +635,11 @@ class _Parser:
                      "rule needs one of exec, open, unlink, connect")  # fmt: skip
             return None
         if len(kinds) > 1:
-            self.at(f[kinds[1].value], "a rule matches one event kind: split it into two rules", key_line=True)
+            self.at(
+                f[kinds[1].value],
+                "a rule matches one event kind: split it into two rules",
+                key_line=True,
+            )
             return None
         kind = kinds[0]
         match = self._match(kind, f[kind.value], lists)
@@ -718,7 +752,10 @@ class _Parser:
                 if s in ACCESS:
                     acc.append(s)
                 else:
-                    self.at(it, f"unknown access {s!r}{_suggest(s, ACCESS)} (one of {', '.join(ACCESS)})")
+                    self.at(
+                        it,
+                        f"unknown access {s!r}{_suggest(s, ACCESS)} (one of {', '.join(ACCESS)})",
+                    )
             kw["access"] = frozenset(acc)
         if "dir" in m:
             v = self._scalar(m["dir"])
@@ -752,7 +789,11 @@ class _Parser:
                 if s in FAMILIES:
                     fam.append(s)
                 else:
-                    self.at(it, f"unknown family {s!r}{_suggest(s, FAMILIES)} (one of {', '.join(FAMILIES)})")
+                    self.at(
+                        it,
+                        f"unknown family {s!r}{_suggest(s, FAMILIES)} "
+                        f"(one of {', '.join(FAMILIES)})",
+                    )
             kw["family"] = frozenset(fam)
         return Match(**kw)
 

@@ -1,0 +1,167 @@
+"""Userspace model of watched processes: cwd and fd -> path, driven by kernel events.
+
+Why a model and not /proc: a process that lives 1 ms (`cd ~/.ssh && cat id_rsa`) is gone
+before its events are decoded, so /proc/PID/cwd is empty by then. The kernel cannot give us
+the path either (no d_path from tracepoints, and task_struct offsets are unknown). So the
+sensor replays what the kernel reports, in timestamp order:
+
+  fork          child inherits the parent's cwd and fd table
+  chdir/fchdir  (emitted at syscall exit, only applied when ret == 0) sets cwd
+  open          (emitted at syscall exit) records fd -> absolute path
+  exit          drops the process
+
+/proc is read only for processes the model has never seen being born (they existed before
+attach, or entered a watched cgroup after forking outside it), and only as a fallback.
+Paths are normalised lexically (`..`, `.`, `//`) without touching the filesystem.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import time
+from dataclasses import dataclass, field
+
+AT_FDCWD = -100
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def normalize(path: str) -> str:
+    """Lexically normalised absolute path: no `.`, `..`, `//`, trailing `/`."""
+    # Fast path: most paths from real programs are already normal.
+    if "//" not in path and "/." not in path and (len(path) < 2 or path[-1] != "/"):
+        return path
+    p = posixpath.normpath(path)
+    # POSIX lets normpath keep a leading "//"; Linux gives it no meaning.
+    if p.startswith("//"):
+        p = "/" + p.lstrip("/")
+    return p
+
+
+def join(base: str | None, raw: str) -> str | None:
+    """Absolute form of `raw` relative to `base`; None if it needs an unknown base."""
+    if raw.startswith("/"):
+        return normalize(raw)
+    if base is None:
+        return None
+    if raw == "":
+        return base
+    return normalize(f"{base}/{raw}")
+
+
+def read_cwd(tgid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{tgid}/cwd")
+    except OSError:
+        return None
+
+
+def read_fd(tgid: int, fd: int) -> str | None:
+    try:
+        target = os.readlink(f"/proc/{tgid}/fd/{fd}")
+    except OSError:
+        return None
+    # Sockets, pipes, anon inodes ("socket:[123]") are not directories to resolve against.
+    return target if target.startswith("/") else None
+
+
+def boot_to_monotonic_ns() -> int:
+    """CLOCK_BOOTTIME - CLOCK_MONOTONIC: the time spent suspended."""
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns()
+
+
+def read_stat(tgid: int) -> tuple[int, int] | None:
+    """(ppid, start_ns) from /proc/PID/stat, start_ns on bpf_ktime_get_ns's clock.
+
+    starttime is in clock ticks since boot (CLOCK_BOOTTIME); bpf_ktime_get_ns is
+    CLOCK_MONOTONIC, which does not count suspend. Resolution: one tick (10 ms at HZ 100).
+    """
+    try:
+        with open(f"/proc/{tgid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # comm may contain spaces and parentheses: split after the last ')'.
+    fields = data[data.rfind(b")") + 2 :].split()
+    ppid = int(fields[1])
+    start_ticks = int(fields[19])
+    start_ns = start_ticks * 1_000_000_000 // _CLK_TCK - boot_to_monotonic_ns()
+    return ppid, max(start_ns, 0)
+
+
+@dataclass(slots=True)
+class ProcState:
+    start_ns: int  # 0 = not yet known (a child seen only through its parent's fork)
+    ppid: int
+    cwd: str | None  # None = unknown
+    fds: dict[int, str] = field(default_factory=dict)
+    born_seen: bool = False  # fork observed: state is exact, /proc is never consulted
+    last_seen_ns: int = 0
+
+
+class ProcModel:
+    def __init__(self) -> None:
+        self.procs: dict[int, ProcState] = {}
+
+    def __len__(self) -> int:
+        return len(self.procs)
+
+    def seed(self, tgid: int) -> ProcState | None:
+        """State of a running process from /proc (processes that predate attach)."""
+        stat = read_stat(tgid)
+        if stat is None:
+            return None
+        st = ProcState(start_ns=stat[1], ppid=stat[0], cwd=read_cwd(tgid))
+        self.procs[tgid] = st
+        return st
+
+    def get(self, tgid: int, start_ns: int) -> ProcState:
+        """The state of `tgid`, (re)built from /proc if unknown or stale (pid reused)."""
+        st = self.procs.get(tgid)
+        if st is not None:
+            if st.start_ns == 0 and start_ns:
+                st.start_ns = start_ns  # a forked child's first own event
+            if not start_ns or not st.start_ns or st.start_ns == start_ns:
+                return st
+        st = self.seed(tgid) or ProcState(start_ns=start_ns, ppid=0, cwd=None)
+        if start_ns:
+            st.start_ns = start_ns
+        self.procs[tgid] = st
+        return st
+
+    def fork(self, parent: ProcState, child_tgid: int, parent_tgid: int) -> None:
+        self.procs[child_tgid] = ProcState(
+            start_ns=0, ppid=parent_tgid, cwd=parent.cwd, fds=dict(parent.fds), born_seen=True
+        )
+
+    def exit(self, tgid: int) -> None:
+        self.procs.pop(tgid, None)
+
+    def dir_of(self, st: ProcState, tgid: int, dirfd: int) -> str | None:
+        """The directory a dirfd (or AT_FDCWD) stands for."""
+        if dirfd == AT_FDCWD:
+            if st.cwd is None:
+                st.cwd = read_cwd(tgid)  # fallback: may already be gone
+            return st.cwd
+        path = st.fds.get(dirfd)
+        if path is None:
+            # Not opened in our sight (inherited before attach, dup'ed, passed over a
+            # socket): the live fd table is the best remaining source.
+            path = read_fd(tgid, dirfd)
+        return path
+
+    def resolve(self, st: ProcState, tgid: int, dirfd: int, raw: str) -> str | None:
+        if raw.startswith("/"):
+            return normalize(raw)
+        return join(self.dir_of(st, tgid, dirfd), raw)
+
+    def prune(self, older_than_ns: int) -> int:
+        """Drop processes not seen for a while that no longer exist (missed exits)."""
+        stale = [
+            t
+            for t, st in self.procs.items()
+            if st.last_seen_ns < older_than_ns and not os.path.exists(f"/proc/{t}")
+        ]
+        for t in stale:
+            del self.procs[t]
+        return len(stale)

@@ -1,0 +1,544 @@
+"""Load bpf/sensor.c, scope it to the watched processes, decode its events into `Event`s.
+
+Scope lives in the kernel (watched cgroup ids at their depths, plus a tracked-pid set that
+follows descendants), so an unwatched process costs one scope check per syscall and emits
+nothing. Paths are resolved in userspace by `procmodel.ProcModel` (see its docstring).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import struct
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import cgroups as cg
+from . import host
+from .events import (
+    ARG_LEN,
+    CREATE,
+    F_ARGV_TRUNC,
+    F_KILLED,
+    F_NO_PROC,
+    F_PATH_TRUNC,
+    KIND_CODES,
+    MAX_LEVELS,
+    NAME_LEN,
+    NOTE_KILLED,
+    NOTE_PATH_TRUNCATED,
+    NOTE_PROC_UNKNOWN,
+    NOTE_UNRESOLVED,
+    PATH_LEN,
+    READ,
+    TRUNCATE,
+    WRITE,
+    Event,
+    Kind,
+    RawConnectEvent,
+    RawEvent,
+    RawExecEvent,
+    RawPathEvent,
+)
+from .paths import BPF_DIR
+from .procmodel import ProcModel, ProcState, read_stat
+
+SOURCE = BPF_DIR / "sensor.c"
+
+O_ACCMODE, O_WRONLY, O_RDWR = 0o3, 0o1, 0o2
+O_CREAT, O_TRUNC, O_PATH, O_TMPFILE = 0o100, 0o1000, 0o10000000, 0o20000000
+AT_REMOVEDIR, AT_EMPTY_PATH = 0x200, 0x1000
+_PRUNE_EVERY_NS = 10_000_000_000
+
+
+class SensorError(Exception):
+    """The sensor cannot start or run; one line for the user."""
+
+
+@dataclass
+class SensorStats:
+    events: int = 0  # events decoded and returned
+    lost_urgent: int = 0  # samples the kernel dropped: urgent buffer full
+    lost_bulk: int = 0  # samples the kernel dropped: bulk buffer full
+    unresolved: int = 0  # events whose relative path could not be made absolute
+    pending: int = 0  # read from the kernel, held back by the time cut (see poll)
+
+    @property
+    def lost(self) -> int:
+        return self.lost_urgent + self.lost_bulk
+
+
+def _struct_of(cls: type[ctypes.Structure]) -> struct.Struct:
+    """A struct.Struct matching a flat ctypes mirror (unpacking is ~5x faster than ctypes)."""
+    codes = {
+        ctypes.c_uint64: "Q",
+        ctypes.c_int64: "q",
+        ctypes.c_uint32: "I",
+        ctypes.c_int32: "i",
+        ctypes.c_uint16: "H",
+    }
+    fmt, pos = "<", 0
+    for name, ctype in cls._fields_:
+        off = getattr(cls, name).offset
+        fmt += "x" * (off - pos)
+        size = ctypes.sizeof(ctype)
+        fmt += codes.get(ctype, f"{size}s")
+        pos = off + size
+    fmt += "x" * (ctypes.sizeof(cls) - pos)
+    s = struct.Struct(fmt)
+    assert s.size == ctypes.sizeof(cls), cls
+    return s
+
+
+_HDR = _struct_of(RawEvent)
+_HDR_SIZE = _HDR.size
+_PATH_OFF = RawPathEvent.path.offset
+_EXEC_ARGC = struct.Struct("<I")
+_EXEC_ARGC_OFF = RawExecEvent.argc.offset
+_EXEC_ARGV_OFF = RawExecEvent.argv.offset
+_CONN = struct.Struct("<HHI16s")  # family, port (big-endian on the wire), addrlen, addr
+_CONN_OFF = RawConnectEvent.family.offset
+_CONN_UNIX_OFF = RawConnectEvent.unix_path.offset
+_FAMILIES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6", socket.AF_UNIX: "unix"}
+
+
+def _by_ts(item: tuple[tuple, bytes]) -> int:
+    return item[0][0]
+
+
+def _text(b: bytes) -> str:
+    # backslashreplace: a non-UTF-8 path stays distinguishable and JSON-safe.
+    return b.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+
+
+def _access(flags: int) -> frozenset[str]:
+    acc = flags & O_ACCMODE
+    out = set()
+    if acc in (0, O_RDWR) and not flags & O_PATH:
+        out.add(READ)
+    if acc in (O_WRONLY, O_RDWR):
+        out.add(WRITE)
+    if flags & O_CREAT or (flags & O_TMPFILE) == O_TMPFILE:
+        out.add(CREATE)
+    if flags & O_TRUNC:
+        # Linux truncates even with O_RDONLY when the caller may write the file.
+        out.add(TRUNCATE)
+    return frozenset(out)
+
+
+_ACCESS_CACHE: dict[int, frozenset[str]] = {}
+
+
+def _access_cached(flags: int) -> frozenset[str]:
+    # A program uses a handful of flag combinations; decoding runs at ~10^5 events/s.
+    acc = _ACCESS_CACHE.get(flags)
+    if acc is None:
+        if len(_ACCESS_CACHE) > 4096:
+            _ACCESS_CACHE.clear()
+        acc = _ACCESS_CACHE[flags] = _access(flags)
+    return acc
+
+
+def _proc_table() -> dict[int, int]:
+    """pid -> ppid of every process, from /proc."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            stat = read_stat(int(name))
+            if stat is not None:
+                out[int(name)] = stat[0]
+    return out
+
+
+def descendants(roots: Iterable[int], table: dict[int, int] | None = None) -> set[int]:
+    """The roots and every live descendant (by current ppid)."""
+    table = _proc_table() if table is None else table
+    children: dict[int, list[int]] = {}
+    for pid, ppid in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = set(), list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(children.get(pid, ()))
+    return found
+
+
+class Sensor:
+    def __init__(
+        self,
+        *,
+        cgroups: Sequence[Path] = (),
+        pids: Sequence[int] = (),
+        page_cnt: int = 256,
+        wakeup_events: int = 32,
+        urgent_page_cnt: int = 64,
+    ) -> None:
+        """page_cnt/wakeup_events: the bulk buffer (pages per CPU, a power of two; samples
+        per wake-up). urgent_page_cnt: the urgent buffer, which wakes on every event."""
+        self._cgroups = [Path(p) for p in cgroups]
+        self._pids = [int(p) for p in pids]
+        self._page_cnt = page_cnt
+        self._wakeup_events = wakeup_events
+        self._urgent_page_cnt = urgent_page_cnt
+        self._bpf = None
+        self._raw: list[bytes] = []
+        self._pending: list[tuple[tuple, bytes]] = []
+        self._stats = SensorStats()
+        self._model = ProcModel()
+        self._kill_enabled = False
+        self._comms: dict[bytes, str] = {}
+        self._next_prune = 0
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._bpf is not None:
+            raise SensorError("sensor already started")
+        for pid in self._pids:
+            if not os.path.exists(f"/proc/{pid}"):
+                raise SensorError(f"no process with PID {pid}")
+        try:
+            host.require_root()
+            host.ensure_tracefs()
+            bcc = host.import_bcc()
+        except host.HostError as e:
+            raise SensorError(str(e)) from e
+        cflags = [
+            f"-I{BPF_DIR}",
+            f"-DPY_SIZEOF_HDR={ctypes.sizeof(RawEvent)}",
+            f"-DPY_SIZEOF_PATH={ctypes.sizeof(RawPathEvent)}",
+            f"-DPY_SIZEOF_EXEC={ctypes.sizeof(RawExecEvent)}",
+            f"-DPY_SIZEOF_CONNECT={ctypes.sizeof(RawConnectEvent)}",
+        ]
+        if "group_dead" in _tracepoint_format("sched", "sched_process_exit"):
+            cflags.append("-DHAVE_GROUP_DEAD")
+        try:
+            b = bcc.BPF(src_file=str(SOURCE).encode(), cflags=cflags)
+        except Exception as e:  # bcc raises bare Exception; details already on stderr
+            raise SensorError(f"cannot load {SOURCE}: {str(e).splitlines()[0]}") from e
+        self._bpf = b
+        # The urgent buffer is opened first: perf_buffer_consume() drains readers in this
+        # order (see poll).
+        try:
+            b[b"urgent"].open_perf_buffer(
+                self._on_event, page_cnt=self._urgent_page_cnt, lost_cb=self._on_lost_urgent
+            )
+            b[b"bulk"].open_perf_buffer(
+                self._on_event,
+                page_cnt=self._page_cnt,
+                lost_cb=self._on_lost_bulk,
+                wakeup_events=self._wakeup_events,
+            )
+        except Exception as e:
+            self._cleanup()
+            raise SensorError(f"cannot open the perf buffers: {e}") from e
+        try:
+            self.set_scope(cgroups=self._cgroups, pids=self._pids)
+        except BaseException:
+            self._cleanup()
+            raise
+
+    def close(self) -> list[Event]:
+        """Detach, then return every event still in the buffers (nothing is held back)."""
+        b = self._bpf
+        if b is None:
+            return []
+        try:
+            for tp in list(b.tracepoint_fds):
+                b.detach_tracepoint(tp)
+            b.perf_buffer_consume()
+            return self._take(None)
+        finally:
+            self._cleanup()
+
+    def _cleanup(self) -> None:
+        b, self._bpf = self._bpf, None
+        if b is not None:
+            b.cleanup()
+
+    def __enter__(self) -> Sensor:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- scope and kill maps ---------------------------------------------------------------
+
+    def set_scope(self, *, cgroups: Sequence[Path] = (), pids: Sequence[int] = ()) -> None:
+        """(Re)target the sensor: watched cgroups (with descendants) and/or pids (with
+        descendants). Replaces the previous scope. Usable before and after start()."""
+        self._cgroups = [Path(p) for p in cgroups]
+        self._pids = [int(p) for p in pids]
+        b = self._bpf
+        if b is None:
+            return
+        levels: dict[int, int] = {}  # cgroup id -> depth below the v2 root
+        if self._cgroups:
+            try:
+                root = cg.find_v2_mount()
+            except cg.CgroupError as e:
+                raise SensorError(str(e)) from e
+            for path in self._cgroups:
+                try:
+                    rel = path.resolve().relative_to(root)
+                    levels[os.stat(path).st_ino] = len(rel.parts)
+                except (ValueError, OSError) as e:
+                    raise SensorError(f"{path} is not a cgroup under {root}") from e
+        depths = sorted(set(levels.values()))
+        if len(depths) > MAX_LEVELS:
+            raise SensorError(f"watched cgroups span more than {MAX_LEVELS} depths")
+
+        watched = b[b"watched_cgroups"]
+        watched.clear()
+        for cid in levels:
+            watched[ctypes.c_uint64(cid)] = ctypes.c_uint8(1)
+
+        tracked = b[b"tracked"]
+        tracked.clear()
+        members: set[int] = set()
+        if self._pids:
+            for pid in self._pids:
+                if not os.path.exists(f"/proc/{pid}"):
+                    raise SensorError(f"no process with PID {pid}")
+            # Insert, then look again: a child forked between the /proc scan and the map
+            # update had an untracked parent when the kernel saw the fork.
+            for _ in range(2):
+                for pid in descendants(self._pids) - members:
+                    tracked[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+                    members.add(pid)
+        for path in self._cgroups:
+            members.update(cg.pids(path))
+        self._seed(members)
+        self._write_cfg(depths)
+
+    def set_exec_kills(self, names: Iterable[str], paths: Iterable[str]) -> None:
+        """Programs killed in the kernel at exec entry: by basename or by exact path, as the
+        filename is passed to execve (no resolution). Replaces the previous sets."""
+        b = self._require()
+        name_keys = [os.fsencode(n) for n in names]
+        path_keys = [os.fsencode(p) for p in paths]
+        for n in name_keys:
+            if not n or b"/" in n or len(n) >= NAME_LEN:
+                raise SensorError(f"exec kill name {n!r}: needs 1..{NAME_LEN - 1} bytes, no '/'")
+        for p in path_keys:
+            if not p or len(p) >= PATH_LEN:
+                raise SensorError(f"exec kill path {p!r}: needs 1..{PATH_LEN - 1} bytes")
+        for table, keys in ((b[b"kill_names"], name_keys), (b[b"kill_paths"], path_keys)):
+            table.clear()
+            for k in keys:
+                key = table.Key()
+                key.s = k
+                table[key] = ctypes.c_uint8(1)
+        self._kill_enabled = bool(name_keys or path_keys)
+        self._write_cfg(None)
+
+    def _write_cfg(self, depths: list[int] | None) -> None:
+        table = self._require()[b"scope"]
+        cfg = table[ctypes.c_int(0)]
+        if depths is not None:
+            cfg.nlevels = len(depths)
+            for i, d in enumerate(depths):
+                cfg.levels[i] = d
+            cfg.pid_mode = int(bool(self._pids))
+        cfg.kill_enabled = int(self._kill_enabled)
+        table[ctypes.c_int(0)] = cfg
+
+    def _seed(self, tgids: Iterable[int]) -> None:
+        """Processes that predate attach: ppid/start_ns into the kernel, cwd into the model."""
+        procs = self._require()[b"procs"]
+        for tgid in tgids:
+            st = self._model.seed(tgid)
+            if st is None:
+                continue
+            key = ctypes.c_uint32(tgid)
+            known = procs.get(key)
+            if known is not None:
+                # Forked since attach: the kernel's fork-time values are exact.
+                st.ppid, st.start_ns = known.ppid, known.start_ns
+            else:
+                leaf = procs.Leaf()
+                leaf.ppid, leaf.start_ns = st.ppid, st.start_ns
+                procs[key] = leaf
+
+    def tracked_count(self) -> int:
+        """Live processes in the pid-tracked set (0 once everything under --pid exited)."""
+        return len(self._require()[b"tracked"])
+
+    @property
+    def stats(self) -> SensorStats:
+        self._stats.pending = len(self._pending)
+        return self._stats
+
+    def _require(self):
+        if self._bpf is None:
+            raise SensorError("sensor not started")
+        return self._bpf
+
+    # -- transport ---------------------------------------------------------------------------
+
+    def _on_event(self, _cpu: int, data: int, size: int) -> None:
+        self._raw.append(ctypes.string_at(data, size))
+
+    def _on_lost_urgent(self, count: int) -> None:
+        self._stats.lost_urgent += count
+
+    def _on_lost_bulk(self, count: int) -> None:
+        self._stats.lost_bulk += count
+
+    def poll(self, timeout_ms: int = 2) -> list[Event]:
+        """Events up to now, in timestamp order. Blocks up to timeout_ms for the first one.
+
+        Ordering. Each event is stamped (bpf_ktime_get_ns) just before it is written, and
+        a process's events are written in program order, so if event A caused B (fork ->
+        child's open, open -> fchdir on that fd, chdir -> relative open), A was in its
+        buffer before B was stamped. We take `cut` = now, and only then drain: urgent first
+        (exec/fork/exit/chdir, which the policy wants soonest), then bulk. Every event
+        stamped <= cut therefore has all its causes in this batch, whichever buffer
+        they went through, and returning exactly the events stamped <= cut, sorted, gives a
+        consistent prefix of the stream. Events stamped after `cut` (they raced the drain)
+        are held for the next call, which then does not block. Draining alone, in either
+        order, is not enough: a bulk event can have an urgent cause written after the
+        urgent drain finished, and vice versa.
+        """
+        b = self._require()
+        b.perf_buffer_poll(0 if self._pending else timeout_ms)
+        cut = time.monotonic_ns()
+        b.perf_buffer_consume()
+        return self._take(cut)
+
+    def _take(self, cut: int | None) -> list[Event]:
+        raw, self._raw = self._raw, []
+        batch = self._pending
+        unpack = _HDR.unpack_from
+        batch.extend((unpack(r), r) for r in raw)
+        if cut is None:
+            ready, self._pending = batch, []
+        else:
+            ready = [x for x in batch if x[0][0] <= cut]
+            self._pending = [x for x in batch if x[0][0] > cut] if len(ready) < len(batch) else []
+        ready.sort(key=_by_ts)
+        decode = self._decode
+        out = [ev for ev in (decode(h, r) for h, r in ready) if ev is not None]
+        self._stats.events += len(out)
+        now = time.monotonic_ns()
+        if now > self._next_prune:
+            self._model.prune(now - _PRUNE_EVERY_NS)
+            self._next_prune = now + _PRUNE_EVERY_NS
+        return out
+
+    # -- decoding ------------------------------------------------------------------------
+
+    def _decode(self, hdr: tuple, r: bytes) -> Event | None:
+        (ts, cgid, start, ret, pid, tgid, ppid, uid, code, flags, fd, sc_flags, child, plen,
+         comm_b) = hdr  # fmt: skip
+        kind = KIND_CODES.get(code)
+        if kind is None:
+            return None
+        comm = self._comms.get(comm_b)
+        if comm is None:
+            comm = self._comms[comm_b] = _text(comm_b)
+        model = self._model
+        st = model.get(tgid, start)
+        st.last_seen_ns = ts
+        notes: list[str] = []
+        if flags & F_NO_PROC:
+            # Predates attach and was not seeded: /proc (read by model.get) or nothing.
+            ppid, start = st.ppid, st.start_ns
+            if not start:
+                notes.append(NOTE_PROC_UNKNOWN)
+            else:
+                self._learn_proc(tgid, st)
+        ev = Event(kind, ts, pid, tgid, ppid, uid, comm, cgid, start)
+
+        if kind is Kind.OPEN or kind is Kind.UNLINK or kind is Kind.CHDIR or kind is Kind.EXEC:
+            # path_len counts the NUL that bpf_probe_read_user_str always writes.
+            raw_path = (
+                r[_PATH_OFF : _PATH_OFF + plen - 1].decode("utf-8", "backslashreplace")
+                if plen > 1
+                else ""
+            )
+            ev.raw_path = raw_path
+            ev.flags = sc_flags
+            if flags & F_PATH_TRUNC:
+                notes.append(NOTE_PATH_TRUNCATED)
+            if kind is Kind.CHDIR and not plen:
+                path = model.dir_of(st, tgid, fd)  # fchdir(fd)
+            elif kind is Kind.EXEC and raw_path == "" and sc_flags & AT_EMPTY_PATH:
+                path = model.dir_of(st, tgid, fd)  # execveat(fd, "", AT_EMPTY_PATH)
+            else:
+                path = model.resolve(st, tgid, fd, raw_path)
+            if path is None:
+                notes.append(NOTE_UNRESOLVED)
+                self._stats.unresolved += 1
+            else:
+                ev.path = path
+            if kind is Kind.OPEN:
+                ev.ret = ret
+                ev.access = _access_cached(sc_flags)
+                if ret >= 0 and path is not None:
+                    st.fds[ret] = path
+            elif kind is Kind.UNLINK:
+                ev.is_dir = bool(sc_flags & AT_REMOVEDIR)
+            elif kind is Kind.CHDIR:
+                ev.ret = ret
+                if ret == 0:
+                    st.cwd = path
+            else:
+                self._decode_argv(ev, r)
+                if flags & F_ARGV_TRUNC:
+                    ev.argv_truncated = True
+                if flags & F_KILLED:
+                    notes.append(NOTE_KILLED)
+        elif kind is Kind.CONNECT:
+            family, port, addrlen, addr = _CONN.unpack_from(r, _CONN_OFF)
+            ev.family = _FAMILIES.get(family, str(family))
+            ev.port = socket.ntohs(port)
+            if family == socket.AF_INET:
+                ev.addr = socket.inet_ntop(socket.AF_INET, addr[:4])
+            elif family == socket.AF_INET6:
+                ev.addr = socket.inet_ntop(socket.AF_INET6, addr)
+            else:
+                n = min(max(addrlen - 2, 0), len(r) - _CONN_UNIX_OFF)
+                sun = r[_CONN_UNIX_OFF : _CONN_UNIX_OFF + n]
+                # Abstract sockets start with NUL; shown as "@name" like ss(8) does.
+                if sun[:1] == b"\0":
+                    ev.addr = "@" + _text(sun[1:].replace(b"\0", b"@"))
+                else:
+                    ev.addr = _text(sun)
+        elif kind is Kind.FORK:
+            ev.child_pid = child
+            model.fork(st, child, tgid)
+        elif kind is Kind.EXIT:
+            model.exit(tgid)
+        if notes:
+            ev.notes = tuple(notes)
+        return ev
+
+    @staticmethod
+    def _decode_argv(ev: Event, r: bytes) -> None:
+        (argc,) = _EXEC_ARGC.unpack_from(r, _EXEC_ARGC_OFF)
+        args = []
+        for i in range(argc):
+            off = _EXEC_ARGV_OFF + i * ARG_LEN
+            args.append(_text(r[off : off + ARG_LEN]))
+        ev.argv = tuple(args)
+
+    def _learn_proc(self, tgid: int, st: ProcState) -> None:
+        """Tell the kernel what /proc told us, so later events carry ppid/start_ns."""
+        procs = self._require()[b"procs"]
+        leaf = procs.Leaf()
+        leaf.ppid, leaf.start_ns = st.ppid, st.start_ns
+        procs[ctypes.c_uint32(tgid)] = leaf
+
+
+def _tracepoint_format(category: str, name: str) -> str:
+    try:
+        return (host.TRACEFS / "events" / category / name / "format").read_text()
+    except OSError:
+        return ""

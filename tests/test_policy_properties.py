@@ -1,0 +1,117 @@
+"""Property tests for the pure matching layer: path normalisation and globs."""
+
+from __future__ import annotations
+
+import fnmatch
+import posixpath
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ebpf_guard.matchers import PathIndex, expand_vars, glob_match, normalize_path
+
+NAME = st.text(alphabet="abc.-_", min_size=1, max_size=4)
+SEGMENT = st.one_of(NAME, st.sampled_from(["", ".", "..", "..."]))
+RAW_PATH = st.builds(
+    lambda lead, segs, trail: lead + "/".join(segs) + trail,
+    st.sampled_from(["", "/", "//", "///"]),
+    st.lists(SEGMENT, max_size=8),
+    st.sampled_from(["", "/"]),
+)
+# Normalised literal paths (no glob metacharacters in NAME's alphabet).
+CLEAN = st.lists(NAME.filter(lambda s: s not in (".", "..")), min_size=1, max_size=6).map(
+    lambda segs: "/" + "/".join(segs)
+)
+
+
+@given(RAW_PATH)
+def test_normalize_is_absolute_clean_and_idempotent(raw: str) -> None:
+    p = normalize_path(raw)
+    assert p.startswith("/")
+    assert normalize_path(p) == p
+    assert "//" not in p
+    assert p == "/" or not p.endswith("/")
+    assert all(seg not in (".", "..") for seg in p.split("/"))
+
+
+@given(RAW_PATH)
+def test_normalize_agrees_with_normpath_where_posix_does(raw: str) -> None:
+    if not raw.startswith("/"):
+        return
+    expected = posixpath.normpath(raw)
+    # POSIX lets an implementation treat exactly two leading slashes specially; Linux does not.
+    if expected.startswith("//"):
+        expected = expected[1:]
+    assert normalize_path(raw) == expected
+
+
+@given(RAW_PATH, CLEAN)
+def test_relative_paths_join_the_cwd(raw: str, cwd: str) -> None:
+    rel = raw.lstrip("/")
+    assert normalize_path(rel, cwd) == normalize_path(cwd + "/" + rel)
+
+
+@given(CLEAN)
+def test_literal_path_matches_itself_and_its_name(path: str) -> None:
+    assert glob_match(path, path)
+    assert glob_match(posixpath.basename(path), path)
+    assert glob_match("**/" + posixpath.basename(path), path)
+
+
+@given(CLEAN, st.lists(NAME.filter(lambda s: s not in (".", "..")), min_size=1, max_size=4))
+def test_double_star_crosses_directories_single_star_does_not(prefix: str, rest: list[str]) -> None:
+    path = prefix + "/" + "/".join(rest)
+    assert glob_match(prefix + "/**", path)
+    assert glob_match(prefix + "/**", prefix)  # the directory itself
+    assert glob_match(prefix + "/", path)  # trailing slash = dir/**
+    assert glob_match(prefix + "/*", path) == (len(rest) == 1)
+    assert glob_match(prefix + "/**/" + rest[-1], path)  # `**` may also be zero directories
+    assert glob_match("/**", path)
+
+
+@given(CLEAN, CLEAN)
+def test_star_glob_is_per_segment_fnmatch(a: str, b: str) -> None:
+    # Replacing every segment of `a` by `*` matches exactly the paths with as many segments.
+    pattern = "/" + "/".join("*" for _ in a.strip("/").split("/"))
+    assert glob_match(pattern, b) == (b.count("/") == a.count("/"))
+
+
+@given(CLEAN, st.text(alphabet="abc.-_*?", min_size=1, max_size=5))
+def test_name_pattern_is_fnmatch_on_the_last_component(path: str, pattern: str) -> None:
+    if pattern in (".", "..") or "**" in pattern:
+        return
+    expected = fnmatch.fnmatchcase(posixpath.basename(path), pattern)
+    assert glob_match(pattern, path) == expected
+
+
+PATTERN = st.one_of(
+    CLEAN,
+    CLEAN.map(lambda p: p + "/**"),
+    CLEAN.map(lambda p: p.rsplit("/", 1)[0] + "/*" if p.count("/") > 1 else "/*"),
+    CLEAN.map(lambda p: "**/" + p.rsplit("/", 1)[1]),
+    NAME.filter(lambda s: s not in (".", "..")).map(lambda s: f"*{s}*"),
+    NAME.filter(lambda s: s not in (".", "..")),
+)
+
+
+@settings(max_examples=200)
+@given(st.lists(PATTERN, min_size=1, max_size=12), st.lists(CLEAN, min_size=1, max_size=8))
+def test_path_index_agrees_with_one_by_one_matching(patterns: list[str], paths: list[str]) -> None:
+    index: PathIndex[int] = PathIndex()
+    for i, p in enumerate(patterns):
+        index.add(p, i)
+    for path in paths:
+        expected = sorted(i for i, p in enumerate(patterns) if glob_match(p, path))
+        assert sorted(index.lookup(path)) == expected
+
+
+@given(st.lists(st.text(alphabet="ab*?[]!-.", min_size=1, max_size=4), min_size=1, max_size=4))
+def test_expanded_variables_are_literal(segs: list[str]) -> None:
+    home = "/" + "/".join(s for s in segs if s not in (".", ".."))
+    if home == "/":
+        return
+    pattern = expand_vars("{home}/.ssh/**", {"home": home})
+    assert pattern is not None
+    assert glob_match(pattern, home + "/.ssh/id")
+    assert glob_match(pattern, home + "/.ssh")
+    assert not glob_match(pattern, home + "x/.ssh/id")
