@@ -16,7 +16,7 @@
 #define EG_MAX_ARGS 16
 #define EG_NAME_LEN 64       /* exec-kill basename key */
 #define EG_UNIX_PATH_LEN 108 /* sizeof(sockaddr_un.sun_path) */
-#define EG_MAX_LEVELS 8      /* distinct cgroup depths watched at once */
+#define EG_MAX_CGROUPS 8     /* cgroups watched at once */
 
 /* ev_hdr.kind; same order as ebpf_guard.events.Kind */
 #define EG_K_EXEC 1
@@ -33,6 +33,11 @@
 #define EG_F_PATH_TRUNC 0x4  /* the path filled its buffer: it may have been cut */
 #define EG_F_NO_PROC 0x8     /* process started before attach and was not seeded: ppid/start_ns = 0 */
 #define EG_F_TRACKED 0x10    /* in scope through the pid-tracked set (--pid mode) */
+#define EG_F_HELD 0x20       /* exec: bpf_send_signal(SIGSTOP) at syscall entry: held until decided */
+
+/* Values of the exec_names / exec_paths maps: what the kernel does at exec entry. */
+#define EG_EXEC_KILL 1       /* SIGKILL: the exec is aborted, the program never runs */
+#define EG_EXEC_HOLD 2       /* SIGSTOP: stops before its first instruction until userspace decides */
 
 struct ev_hdr {
     __u64 ts_ns;     /* bpf_ktime_get_ns() just before submit */
@@ -75,13 +80,16 @@ struct ev_connect {
     char unix_path[EG_UNIX_PATH_LEN];
 };
 
-/* Scope configuration, one entry in an array map, rewritten from Python. */
+/* Scope configuration, one entry in an array map, rewritten from Python. Watched cgroups
+ * are (depth, id) pairs compared in place: cheaper than a hash lookup, and this check runs
+ * on every traced syscall of every process on the host. */
 struct scope_cfg {
-    __u32 nlevels;                /* entries used in levels[] */
-    __u32 pid_mode;               /* the tracked-pid set is in use */
-    __u32 kill_enabled;           /* the exec-kill maps are non-empty */
+    __u32 ncgroups;                 /* entries used in levels[]/ids[] */
+    __u32 pid_mode;                 /* the tracked-pid set is in use */
+    __u32 exec_rules;               /* the exec_names/exec_paths maps are non-empty */
     __u32 _pad;
-    __u32 levels[EG_MAX_LEVELS];  /* cgroup depths that hold a watched cgroup */
+    __u32 levels[EG_MAX_CGROUPS];   /* depth of each watched cgroup (root = 0) */
+    __u64 ids[EG_MAX_CGROUPS];      /* its cgroup v2 id */
 };
 
 struct proc_info {
@@ -90,11 +98,11 @@ struct proc_info {
     __u64 start_ns;
 };
 
-struct kill_path_key {
+struct exec_path_key {
     char s[EG_PATH_LEN];
 };
 
-struct kill_name_key {
+struct exec_name_key {
     char s[EG_NAME_LEN];
 };
 

@@ -7,8 +7,8 @@
  *    and BPF helpers.
  *  - an out-of-scope task costs one scope check and emits nothing.
  *  - events bigger than the 512-byte stack are built in per-CPU scratch maps.
- *  - loops are bounded and not unrolled: the kernel verifies bounded loops, and unrolled
- *    code made the compile (most of the time to attach) ~20% slower.
+ *  - loops are bounded and not unrolled: the kernel verifies bounded loops, and unrolling
+ *    only grows the code clang must compile (compiling is most of the time to attach).
  */
 #include <uapi/linux/ptrace.h>
 #include "events.h"
@@ -19,6 +19,7 @@
 #define EG_AF_INET 2
 #define EG_AF_INET6 10
 #define EG_SIGKILL 9
+#define EG_SIGSTOP 19
 
 /* Layout cross-check with the ctypes mirror (values passed by the loader). */
 _Static_assert(sizeof(struct ev_hdr) == PY_SIZEOF_HDR, "ev_hdr != events.RawEvent");
@@ -32,42 +33,41 @@ BPF_PERF_OUTPUT(bulk);
 
 /* Scope. */
 BPF_ARRAY(scope, struct scope_cfg, 1);
-BPF_HASH(watched_cgroups, u64, u8, 64);
 BPF_HASH(tracked, u32, u8, 65536);               /* --pid mode: tgid -> 1 */
 /* Every process forked since attach (plus seeds from /proc): tgid -> ppid, start_ns.
  * LRU so that a missed exit can never fill it up. */
 BPF_TABLE("lru_hash", u32, struct proc_info, procs, 65536);
 
 /* Exec kill fast path. */
-BPF_HASH(kill_paths, struct kill_path_key, u8, 1024);
-BPF_HASH(kill_names, struct kill_name_key, u8, 1024);
+/* Exec rules compiled from the policy: value EG_EXEC_KILL or EG_EXEC_HOLD. */
+BPF_HASH(exec_paths, struct exec_path_key, u8, 1024);
+BPF_HASH(exec_names, struct exec_name_key, u8, 1024);
 
 /* Per-thread open/chdir state between sys_enter and sys_exit (key: pid_tgid). */
 BPF_HASH(stash, u64, struct ev_path, 16384);
 
 /* Scratch (per CPU): the biggest event, and zeroed lookup keys for the kill maps. */
 BPF_PERCPU_ARRAY(scratch, struct ev_exec, 1);
-struct kill_keys {
-    struct kill_path_key path;
-    struct kill_name_key name;
+struct exec_keys {
+    struct exec_path_key path;
+    struct exec_name_key name;
     u32 base;
 };
-BPF_PERCPU_ARRAY(keybuf, struct kill_keys, 1);
+BPF_PERCPU_ARRAY(keybuf, struct exec_keys, 1);
 
 /* 0 = out of scope; otherwise EG_F_TRACKED or 1. */
 static __always_inline u32 in_scope(u32 tgid, struct scope_cfg *cfg)
 {
     if (cfg->pid_mode && tracked.lookup(&tgid))
         return EG_F_TRACKED;
-    u32 n = cfg->nlevels;
+    u32 n = cfg->ncgroups;
 #pragma clang loop unroll(disable)
-    for (int i = 0; i < EG_MAX_LEVELS; i++) {
+    for (int i = 0; i < EG_MAX_CGROUPS; i++) {
         if (i >= n)
             break;
-        /* The ancestor of the current cgroup at the watched depth: one helper call +
-         * one lookup covers the watched cgroup and all its descendants. */
-        u64 id = bpf_get_current_ancestor_cgroup_id(cfg->levels[i]);
-        if (id && watched_cgroups.lookup(&id))
+        /* The current cgroup's ancestor at the watched cgroup's depth is the watched
+         * cgroup itself iff the task is in it or in a descendant. */
+        if (bpf_get_current_ancestor_cgroup_id(cfg->levels[i]) == cfg->ids[i])
             return 1;
     }
     return 0;
@@ -187,7 +187,12 @@ TRACEPOINT_PROBE(syscalls, sys_enter_fchdir)
  * or poll()'s time cut (see sensor.py) would deliver it after them. */
 static __always_inline struct ev_path *stash_take(long ret)
 {
+    /* Scope first: for the out-of-scope majority a helper call and a compare are
+     * cheaper than the stash hash lookup. */
+    struct scope_cfg *cfg = get_cfg();
     u64 id = bpf_get_current_pid_tgid();
+    if (!cfg || !in_scope(id >> 32, cfg))
+        return 0;
     struct ev_path *ev = stash.lookup(&id);
     if (!ev)
         return 0;
@@ -224,43 +229,28 @@ TRACEPOINT_PROBE(syscalls, sys_exit_openat2) { return emit_bulk(args, args->ret)
 TRACEPOINT_PROBE(syscalls, sys_exit_chdir) { return emit_urgent(args, args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_fchdir) { return emit_urgent(args, args->ret); }
 
-/* ---- unlink: emitted at entry (the attempt is what policy judges) ------------------- */
-
-static __always_inline int unlink_enter(void *ctx, int dfd, const char *name, u32 flags)
-{
-    struct scope_cfg *cfg = get_cfg();
-    if (!cfg)
-        return 0;
-    u64 id = bpf_get_current_pid_tgid();
-    u32 sc = in_scope(id >> 32, cfg);
-    if (!sc)
-        return 0;
-    u32 zero = 0;
-    struct ev_path *ev = (struct ev_path *)scratch.lookup(&zero);
-    if (!ev)
-        return 0;
-    fill_hdr(&ev->h, EG_K_UNLINK, id, sc);
-    ev->h.fd = dfd;
-    ev->h.sc_flags = flags;
-    read_path(&ev->h, ev->path, name);
-    bulk.perf_submit(ctx, ev, path_event_size(ev->h.path_len));
-    return 0;
-}
+/* ---- unlink: stashed at entry, emitted at exit with the result ----------------------
+ * Rate rules count deletions that happened: git, editors and build tools unlink files that
+ * do not exist (ENOENT) all the time, and those must not add up to a "mass delete". */
 
 TRACEPOINT_PROBE(syscalls, sys_enter_unlinkat)
 {
-    return unlink_enter(args, (int)args->dfd, args->pathname, (u32)args->flag);
+    return stash_enter(EG_K_UNLINK, (int)args->dfd, args->pathname, (u32)args->flag);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_unlink)
 {
-    return unlink_enter(args, EG_AT_FDCWD, args->pathname, 0);
+    return stash_enter(EG_K_UNLINK, EG_AT_FDCWD, args->pathname, 0);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_rmdir)
 {
-    return unlink_enter(args, EG_AT_FDCWD, args->pathname, 0x200 /* AT_REMOVEDIR */);
+    return stash_enter(EG_K_UNLINK, EG_AT_FDCWD, args->pathname, 0x200 /* AT_REMOVEDIR */);
 }
+
+TRACEPOINT_PROBE(syscalls, sys_exit_unlinkat) { return emit_bulk(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_unlink) { return emit_bulk(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_rmdir) { return emit_bulk(args, args->ret); }
 
 /* ---- connect ---------------------------------------------------------------------- */
 
@@ -308,11 +298,12 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect)
 
 /* ---- exec ------------------------------------------------------------------------- */
 
-/* Does the filename, as given, hit the kill maps (exact path, or basename)? */
-static __always_inline int exec_forbidden(const char *fname)
+/* What the exec rules say of the filename, as given (exact path, then basename): 0 or an
+ * EG_EXEC_* action. */
+static __always_inline int exec_action(const char *fname)
 {
     u32 zero = 0;
-    struct kill_keys *k = keybuf.lookup(&zero);
+    struct exec_keys *k = keybuf.lookup(&zero);
     if (!k)
         return 0;
     /* Hash keys compare every byte: zero the buffers so bytes after the NUL match. */
@@ -320,8 +311,9 @@ static __always_inline int exec_forbidden(const char *fname)
     int n = bpf_probe_read_user_str(k->path.s, EG_PATH_LEN, fname);
     if (n <= 0)
         return 0;
-    if (kill_paths.lookup(&k->path))
-        return 1;
+    u8 *act = exec_paths.lookup(&k->path);
+    if (act)
+        return *act;
     /* The basename offset lives in map memory, not a register: the verifier does not
      * track values through map memory (volatile keeps clang from
      * caching it in a register), so the '/' and not-'/' branches of each iteration
@@ -344,7 +336,8 @@ static __always_inline int exec_forbidden(const char *fname)
     n = bpf_probe_read_user_str(k->name.s, EG_NAME_LEN, fname + base);
     if (n <= 0 || n >= EG_NAME_LEN)
         return 0;
-    return kill_names.lookup(&k->name) != 0;
+    act = exec_names.lookup(&k->name);
+    return act ? *act : 0;
 }
 
 static __always_inline int exec_enter(void *ctx, int dfd, const char *fname,
@@ -358,12 +351,18 @@ static __always_inline int exec_enter(void *ctx, int dfd, const char *fname,
     if (!sc)
         return 0;
 
-    /* Kill first, before anything else can fail: SIGKILL at execve entry aborts the exec,
-     * the new program never runs. */
+    /* Act first, before anything else can fail. SIGKILL at execve entry aborts the exec:
+     * the new program never runs. SIGSTOP lets the exec finish and stops the process before
+     * the new program's first instruction, until userspace has decided (SIGCONT or SIGKILL;
+     * a SIGCONT that arrives while the stop is still pending cancels it). */
     u32 killed = 0;
-    if (cfg->kill_enabled && exec_forbidden(fname)) {
+    int act = cfg->exec_rules ? exec_action(fname) : 0;
+    if (act == EG_EXEC_KILL) {
         bpf_send_signal(EG_SIGKILL);
         killed = EG_F_KILLED;
+    } else if (act == EG_EXEC_HOLD) {
+        bpf_send_signal(EG_SIGSTOP);
+        killed = EG_F_HELD;
     }
 
     u32 zero = 0;

@@ -84,7 +84,18 @@ def _is_zombie(pid: int) -> bool:
 
 def kill_process(event: Event, watched: Path | None = None) -> str:
     """SIGKILL the event's process (tgid) if it is still that process. Returns what happened."""
+    return signal_process(event, signal.SIGKILL, watched)
+
+
+def release_process(event: Event, watched: Path | None = None) -> str:
+    """SIGCONT a process the kernel held at exec (the exec gate) once it has been decided."""
+    return signal_process(event, signal.SIGCONT, watched)
+
+
+def signal_process(event: Event, sig: int, watched: Path | None = None) -> str:
+    """Send `sig` to the event's process (tgid) through a pidfd, if it is still that process."""
     pid, who = event.tgid, f"pid {event.tgid} ({event.comm})"
+    verb = {signal.SIGKILL: "killed", signal.SIGCONT: "released"}.get(sig, f"sent {sig} to")
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -107,12 +118,12 @@ def kill_process(event: Event, watched: Path | None = None) -> str:
             if not inside:
                 return f"{who} is no longer in {watched}; left alone (pid reused?)"
         try:
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            signal.pidfd_send_signal(pidfd, sig)
         except ProcessLookupError:
             return f"{who} had already exited"
         except OSError as e:
-            raise ActuatorError(f"cannot kill {who}: {e.strerror}") from e
-        return f"killed {who}"
+            raise ActuatorError(f"cannot signal {who}: {e.strerror}") from e
+        return f"{verb} {who}"
     finally:
         os.close(pidfd)
 
@@ -161,6 +172,16 @@ class Actuator:
             return self._freeze()
         except CgroupError as e:
             raise ActuatorError(str(e)) from e
+
+    def resume_now(self) -> str:
+        """Thaw after an ASK was answered (the loop decides when nothing else holds it)."""
+        if self.freezer is None:
+            raise ActuatorError("cannot thaw: nothing was frozen")
+        try:
+            self.freezer.thaw()
+        except CgroupError as e:
+            raise ActuatorError(str(e)) from e
+        return f"thawed {self.freezer.path}"
 
     def apply(self, decision: Decision) -> str:
         """Act on the decision; return a one-line description of what was done."""

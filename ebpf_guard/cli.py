@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import pwd
 import signal
 import subprocess
 import sys
+import threading
 import time
-import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import lru_cache
@@ -117,8 +116,9 @@ class Session:
     """Everything `watch` and `run` share: policy, engine, sensor, log, actuator, guard."""
 
     def __init__(self, opts: SessionOptions, stack: ExitStack, *, cgroup: Path | None,
-                 pids: tuple[int, ...] = ()) -> None:
+                 pids: tuple[int, ...] = (), prompt_tty: bool = False) -> None:
         from ebpf_guard.actuator import Actuator
+        from ebpf_guard.approvals import ApprovalDesk, ApprovalError
         from ebpf_guard.auditlog import DEFAULT_LOG, AuditLogError, VerdictLog
         from ebpf_guard.engine import Engine
         from ebpf_guard.guard import Guard
@@ -165,7 +165,10 @@ class Session:
                 notes.append(f"kernel headers: {headers.state}: {headers.detail}")
             self.sensor.start()
             names, paths = self.engine.kernel_exec_kills()
-            self.sensor.set_exec_kills(names, paths)
+            for entry in self.sensor.set_exec_rules(kill_names=names, kill_paths=paths,
+                                                    hold_names=self.engine.kernel_exec_gates()):
+                notes.append(f"exec rule {entry!r} cannot be matched in the kernel; "
+                             "it is decided after the exec starts")
         except (SensorError, host.HostError) as e:
             raise UserError(str(e)) from None
         self.attach_s = time.monotonic() - t0
@@ -175,7 +178,15 @@ class Session:
             self._apply_hosts(self.resolver.resolve_once())
             self.resolver.start()
             stack.callback(self.resolver.stop)
-        self.guard = Guard(engine=self.engine, actuator=self.actuator, log=self.log, printer=self.printer,
+        try:
+            # The channel for ASK answers from `ebpf-guard approve|deny` (root-only unix socket);
+            # `run` on a terminal also takes y/n/a/b keys inline.
+            desk = ApprovalDesk(session=f"{'run' if prompt_tty else 'watch'}-{os.getpid()}",
+                                tty=sys.stdin if prompt_tty and sys.stdin.isatty() else None)
+        except ApprovalError as e:
+            raise UserError(f"cannot open the approvals socket: {e}") from None
+        stack.callback(desk.close)
+        self.guard = Guard(desk=desk, engine=self.engine, actuator=self.actuator, log=self.log, printer=self.printer,
                            cgroup=cgroup, home_of=home_of, recorder=recorder, log_all=opts.log_all,
                            incidents_dir=opts.incidents_dir or log_path.parent / "incidents")
         for note in filter(None, notes):
@@ -185,6 +196,10 @@ class Session:
             f"({self.engine.mode.value} mode); verdict log {log_path}"
         )
         self.log_path = log_path
+        self.guard.note({"type": "session", "event": "start", "policy": str(opts.policy_path),
+                         "mode": self.engine.mode.value, "workspace": opts.workspace,
+                         "cgroup": str(cgroup) if cgroup else None, "pids": list(pids),
+                         "attach_ms": round(self.attach_s * 1000, 1)})
 
     def _apply_hosts(self, mapping: dict[str, list[str]]) -> None:
         self.engine.set_host_addresses(mapping)
@@ -198,6 +213,7 @@ class Session:
         events = self.sensor.poll(timeout_ms)
         for event in events:
             self.guard.handle(event)
+        self.guard.tick()
         return len(events)
 
     def finish(self) -> None:
@@ -214,6 +230,9 @@ class Session:
                 f"Verdict log: {self.log_path}.")
         if s.incidents:
             text += f" Incidents: {', '.join(s.incidents)}."
+        self.guard.note({"type": "session", "event": "end", "summary": headline,
+                         "counts": {v.value: s.counts.get(v, 0) for v in Verdict},
+                         "events": s.events, "lost": stats.lost, "actions": s.actions})
         self.printer.message(text)
 
 
@@ -284,6 +303,51 @@ def _reap(child: subprocess.Popen) -> None:
             child.returncode = os.waitstatus_to_exitcode(status)
 
 
+def _spawn_when_watched(command: list[str], cgroup: Path, session: Session) -> subprocess.Popen:
+    """Start COMMAND inside `cgroup`, and let it exec only once the policy loop is polling.
+
+    The child joins the cgroup between fork and exec, so it never runs unwatched; it then
+    waits for one byte on a pipe, which is written after the loop's first poll, so that the
+    first instructions of the command already meet a guard that is listening (a `rm -rf` that
+    starts deleting 1 ms after exec must not outrun the loop's start-up). Popen blocks until
+    the exec, hence the thread.
+    """
+    go_read, go_write = os.pipe()
+    procs_file = str(cgroup / "cgroup.procs")
+
+    def join_cgroup_and_wait() -> None:
+        with open(procs_file, "w") as f:
+            f.write(str(os.getpid()))
+        session.actuator.freezer.adopt(os.getpid())
+        os.close(go_write)
+        if os.read(go_read, 1) != b"g":
+            os._exit(126)  # the guard went away before watching: never run unwatched
+
+    result: dict = {}
+
+    def spawn() -> None:
+        try:
+            result["child"] = subprocess.Popen(command, preexec_fn=join_cgroup_and_wait)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            result["error"] = e
+
+    thread = threading.Thread(target=spawn, name="ebpf-guard-spawn")
+    thread.start()
+    try:
+        session.step(0)
+        os.write(go_write, b"g")
+        while thread.is_alive():
+            session.step(1)
+            thread.join(0)
+    finally:
+        os.close(go_write)
+        os.close(go_read)
+        thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["child"]
+
+
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.option("--cgroup-parent", default=None,
               help="Create the agent's cgroup under this cgroup. [default: the cgroup v2 root]")
@@ -309,17 +373,9 @@ def run(cgroup_parent, workspace, command, **kw) -> None:
     status = EXIT_ERROR
     with ExitStack() as stack:
         stack.callback(cgroups.remove_cgroup, cgroup)
-        session = Session(opts, stack, cgroup=cgroup)
-        procs_file = str(cgroup / "cgroup.procs")
-
-        def join_cgroup() -> None:
-            # Runs in the child between fork and exec: the command never runs unwatched.
-            with open(procs_file, "w") as f:
-                f.write(str(os.getpid()))
-            session.actuator.freezer.adopt(os.getpid())
-
+        session = Session(opts, stack, cgroup=cgroup, prompt_tty=True)
         try:
-            child = subprocess.Popen(list(command), preexec_fn=join_cgroup)
+            child = _spawn_when_watched(list(command), cgroup, session)
         except OSError as e:
             raise UserError(f"cannot run {command[0]}: {e.strerror}") from None
         session.printer.message(f"running {' '.join(command)} (pid {child.pid}) in cgroup {cgroup}")

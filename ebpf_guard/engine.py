@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ebpf_guard.events import CREATE, READ, TRUNCATE, WRITE, Event, Kind
+from ebpf_guard.events import CREATE, NOTE_KILLED, READ, TRUNCATE, WRITE, Event, Kind
 from ebpf_guard.matchers import (
     AddrIndex,
     GlobSet,
@@ -39,7 +39,6 @@ from ebpf_guard.matchers import (
 from ebpf_guard.policy import Policy, Rule
 from ebpf_guard.verdicts import Decision, Mode, Scope, Verdict
 
-NOTE_KILLED = "killed_in_kernel"
 ESCALATION_PREFIX = "escalation:"
 _ALL = "*"  # remember() key for rules whose decision is not about one value (rate, escalation)
 _TREE_KINDS = (Kind.FORK, Kind.EXIT, Kind.CHDIR)
@@ -300,9 +299,14 @@ class Engine:
         c = self._context(event)
         comp = self._compiled_for(event.uid)
         hits: list[Rule] = []
+        # Rate rules count what happened: a failed syscall (unlink of a missing file, which
+        # git and editors do constantly) is no deletion. Single-event rules judge attempts.
+        failed = event.ret is not None and event.ret < 0
         for i in comp.matching(c):
             rule = self._rules[i]
-            if rule.rate is None or self._count(i, rule, tree, event.ts_ns):
+            if rule.rate is None:
+                hits.append(rule)
+            elif not failed and self._count(i, rule, tree, event.ts_ns):
                 hits.append(rule)
         return self._decide(event, c, hits, tree)
 
@@ -353,6 +357,30 @@ class Engine:
                 else:
                     names.add(value)
         return frozenset(names), frozenset(paths)
+
+    def kernel_exec_gates(self) -> frozenset[str]:
+        """File names whose exec the kernel holds (SIGSTOP at syscall entry) until this engine
+        has decided: exec rules that can HALT, ASK or KILL but that the kernel cannot decide
+        alone (argv conditions such as `rm -r` outside /tmp, or a freeze, which only userspace
+        can do). The held program runs no instruction before the decision; the guard then
+        kills it or lets it go (SIGCONT). Only a literal name or path's last component can be
+        compared in the kernel; anything else is decided after the fact, as before.
+        """
+        if self._mode is Mode.AUDIT:
+            return frozenset()
+        killed, _ = self.kernel_exec_kills()
+        names: set[str] = set()
+        for r in self._rules:
+            m = r.match
+            if r.kind is not Kind.EXEC or r.verdict.severity < Verdict.ASK.severity or r.rate:
+                continue
+            for p in m.names or m.paths:
+                if "home" in variables_in(p) or not is_literal(p):
+                    continue
+                value = expand_vars(p, {"workspace": self.workspace}, escape=False)
+                if value:
+                    names.add(value.rsplit("/", 1)[-1])
+        return frozenset(names - killed)
 
     def remember(self, decision: Decision, allow: bool) -> None:
         """The operator's answer to an ASK, for the rest of the run: the same rule with the

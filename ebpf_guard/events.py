@@ -91,7 +91,7 @@ ARG_LEN = 256
 MAX_ARGS = 16
 NAME_LEN = 64
 UNIX_PATH_LEN = 108
-MAX_LEVELS = 8
+MAX_CGROUPS = 8
 
 # ev_hdr.kind codes, in Kind order.
 KIND_CODES: dict[int, Kind] = {i + 1: k for i, k in enumerate(Kind)}
@@ -102,9 +102,15 @@ F_ARGV_TRUNC = 0x2
 F_PATH_TRUNC = 0x4
 F_NO_PROC = 0x8
 F_TRACKED = 0x10
+F_HELD = 0x20
+
+# exec_names / exec_paths map values (EG_EXEC_*)
+EXEC_KILL = 1
+EXEC_HOLD = 2
 
 # Event.notes values the sensor adds.
 NOTE_KILLED = "killed_in_kernel"  # exec: SIGKILL sent at syscall entry; the program never ran
+NOTE_HELD = "held_in_kernel"  # exec: SIGSTOP sent at syscall entry; stopped until decided
 NOTE_UNRESOLVED = "path_unresolved"  # relative path whose base (cwd/dirfd) was unknown
 NOTE_PATH_TRUNCATED = "path_truncated"  # the kernel path buffer filled up (PATH_LEN)
 NOTE_PROC_UNKNOWN = "proc_unknown"  # ppid/start_ns not known (process gone before /proc read)

@@ -7,6 +7,8 @@ Ordering is the point of this module: a decision is written and flushed to the v
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -14,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ebpf_guard import cgroups, incident
-from ebpf_guard.actuator import Actuator, ActuatorError
+from ebpf_guard.actuator import Actuator, ActuatorError, release_process
+from ebpf_guard.approvals import ApprovalDesk, Resolution
 from ebpf_guard.auditlog import AuditLogError, VerdictLog, record_for
 from ebpf_guard.engine import Engine
-from ebpf_guard.events import Event
+from ebpf_guard.events import NOTE_HELD, Event
 from ebpf_guard.output import Printer
 from ebpf_guard.recording import Recorder
 from ebpf_guard.verdicts import Decision, Mode, Verdict
@@ -50,6 +53,7 @@ class Guard:
         recorder: Recorder | None = None,
         log_all: bool = False,
         incidents_dir: Path | None = None,
+        desk: ApprovalDesk | None = None,
     ) -> None:
         self.engine = engine
         self.actuator = actuator
@@ -60,14 +64,30 @@ class Guard:
         self.recorder = recorder
         self.log_all = log_all
         self.incidents_dir = incidents_dir
+        self.desk = desk
         self.recent: deque[Event] = deque(maxlen=RECENT_EVENTS)
         self.summary = Summary()
+        self._held_by_halt = False  # a HALT froze the agent: answering an ASK must not thaw it
+        self._killed: set[tuple[int, int]] = set()  # processes a KILL already went to
 
     @property
     def mode(self) -> Mode:
         return self.engine.mode
 
     def handle(self, event: Event) -> Decision:
+        decision = self._decide_and_respond(event)
+        if NOTE_HELD in event.notes and not (
+            decision.verdict is Verdict.KILL and self.mode is not Mode.AUDIT
+        ):
+            # Decided (and, for HALT/ASK, frozen): let the held exec go on. Not reached if
+            # deciding raised, so a guard that fails leaves the program stopped.
+            try:
+                release_process(event, self.cgroup)
+            except ActuatorError as e:
+                self.printer.message(f"could not release held pid {event.tgid}: {e}")
+        return decision
+
+    def _decide_and_respond(self, event: Event) -> Decision:
         if self.recorder is not None:
             self.recorder.write(event, self.home_of(event.uid))
         self.recent.append(event)
@@ -77,24 +97,44 @@ class Guard:
         self.printer.decision(decision)
         if decision.verdict is Verdict.SAFE and not self.log_all:
             return decision
+        repeat = self._already_handled(decision)
         responding = decision.verdict in RESPONSE_VERDICTS and self.mode is not Mode.AUDIT
-        incident_path = self._incident_path(decision) if responding else None
+        incident_path = self._incident_path(decision) if responding and not repeat else None
         try:
             self.log.append(
                 record_for(
                     decision,
                     mode=self.mode.value,
-                    action=self.actuator.plan(decision),
+                    action=repeat or self.actuator.plan(decision),
                     incident=str(incident_path) if incident_path else None,
                 )
             )
         except AuditLogError as e:
             self._fail_closed(str(e))
             return decision
-        if decision.verdict is Verdict.SAFE:
+        if decision.verdict is Verdict.SAFE or repeat:
             return decision
         self._respond(decision, incident_path)
         return decision
+
+    def _already_handled(self, decision: Decision) -> str | None:
+        """Why no new response is needed, if so. Events buffered before a freeze or a kill keep
+        arriving (a rate rule fires again every N deletions, execvp retries each PATH entry):
+        they are logged, but the agent is not re-frozen and no new incident is written."""
+        if self.mode is Mode.AUDIT:
+            return None
+        if decision.verdict in (Verdict.HALT, Verdict.ASK) and self.actuator.freezer is not None:
+            if self.actuator.freezer.is_frozen():  # read from the kernel: an external resume counts
+                if decision.verdict is Verdict.HALT or self._asked(decision):
+                    return "none (already frozen)"
+        if decision.verdict is Verdict.KILL and decision.event.proc_key in self._killed:
+            return "none (already killed)"
+        return None
+
+    def _asked(self, decision: Decision) -> bool:
+        key = (decision.rule, decision.value)
+        return self.desk is not None and any(
+            (p.decision.rule, p.decision.value) == key for p in self.desk.pending())
 
     def _respond(self, decision: Decision, incident_path: Path | None) -> None:
         try:
@@ -108,12 +148,68 @@ class Guard:
             return
         if decision.verdict is Verdict.KILL:
             self.summary.killed = True
-        else:
+            self._killed.add(decision.event.proc_key)
+        elif decision.verdict is Verdict.HALT:
             self.summary.halted = True
+            self._held_by_halt = True
+        else:
+            self._ask(decision)
         self._append_quietly({"type": "outcome", "rule": decision.rule, "verdict": decision.verdict.value,
                               "action": done, "pid": decision.event.tgid})
         if incident_path is not None:
             self._write_incident(decision, incident_path)
+
+    # ------------------------------------------------------------------ ASK: a human decides
+    def _ask(self, decision: Decision) -> None:
+        if self.desk is None:  # nobody can answer: treat as the HALT it would be in enforce mode
+            self.summary.halted = True
+            self._held_by_halt = True
+            return
+        timeout = decision.ask_timeout_s if decision.ask_timeout_s is not None else math.inf
+        pending = self.desk.add(decision, timeout_s=timeout, default_allow=decision.ask_default == "allow")
+        self.printer.message(
+            f"ASK [{pending.id}] {pending.what}: {decision.reason}. The agent is frozen until "
+            f"`ebpf-guard approve {pending.id}` or `ebpf-guard deny {pending.id}`"
+            + (f" (or {timeout:.0f} s pass: default {decision.ask_default or 'deny'})"
+               if timeout != math.inf else ""))
+
+    def tick(self) -> None:
+        """Serve the approval desk: answers, timeouts, refused non-root peers."""
+        if self.desk is None:
+            return
+        for resolution in self.desk.poll():
+            self._resolve(resolution)
+        for refusal in self.desk.take_refusals():
+            self._append_quietly(refusal.to_record())
+
+    def _resolve(self, r: Resolution) -> None:
+        decision = r.pending.decision
+        self._append_quietly(r.to_record())  # who, when, how long it waited: before acting
+        if r.remember:
+            self.engine.remember(decision, r.allow)
+        if r.allow:
+            done = "allowed"
+        elif (decision.on_deny or Verdict.KILL) is Verdict.KILL:
+            deny = dataclasses.replace(decision, verdict=Verdict.KILL)
+            try:
+                done = self.actuator.apply(deny)
+            except ActuatorError as e:
+                done = f"FAILED: {e}"
+            self.summary.killed = True
+        else:
+            self._held_by_halt = True
+            self.summary.halted = True
+            done = "denied: left frozen (HALT)"
+        if not self._held_by_halt and not self.desk.pending():
+            try:
+                done += "; " + self.actuator.resume_now()
+            except ActuatorError as e:
+                done += f"; FAILED to thaw: {e}"
+        line = f"[{r.pending.id}] {'allowed' if r.allow else 'denied'} via {r.via}: {done}"
+        self.summary.actions.append(f"ASK {decision.rule}: {line}")
+        self._append_quietly({"type": "outcome", "rule": decision.rule, "verdict": "ASK",
+                              "action": done, "pid": decision.event.tgid, "approval": r.pending.id})
+        self.printer.message(line)
 
     def _incident_path(self, decision: Decision) -> Path | None:
         if self.incidents_dir is None:
@@ -150,6 +246,10 @@ class Guard:
         if self.cgroup is not None:
             return cgroups.pids(self.cgroup)
         return [event.tgid]
+
+    def note(self, record: dict) -> None:
+        """A non-verdict record (session start/end, ...); fail-closed like every other write."""
+        self._append_quietly(record)
 
     def _append_quietly(self, record: dict) -> None:
         try:

@@ -80,7 +80,6 @@ class Printer:
         self.stream.flush()
 
     def message(self, text: str) -> None:
-        """A status line (to stderr in JSON mode so stdout stays pure JSON lines)."""
-        target = sys.stderr if self.json else self.stream
-        target.write(f"ebpf-guard: {text}\n")
-        target.flush()
+        """A status line, on stderr: stdout carries only the event stream."""
+        sys.stderr.write(f"ebpf-guard: {text}\n")
+        sys.stderr.flush()

@@ -89,6 +89,16 @@ def read_stat(tgid: int) -> tuple[int, int] | None:
     return ppid, max(start_ns, 0)
 
 
+def alive(pid: int) -> bool:
+    """Exists and has not exited (a zombie has run its exit already)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    return data[data.rfind(b")") + 2 : data.rfind(b")") + 3] not in (b"Z", b"X")
+
+
 @dataclass(slots=True)
 class ProcState:
     start_ns: int  # 0 = not yet known (a child seen only through its parent's fork)

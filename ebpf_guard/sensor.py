@@ -1,7 +1,7 @@
 """Load bpf/sensor.c, scope it to the watched processes, decode its events into `Event`s.
 
-Scope lives in the kernel (watched cgroup ids at their depths, plus a tracked-pid set that
-follows descendants), so an unwatched process costs one scope check per syscall and emits
+Scope lives in the kernel (watched cgroups as (depth, id) pairs, plus a tracked-pid set
+that follows descendants), so an unwatched process costs one scope check per syscall and emits
 nothing. Paths are resolved in userspace by `procmodel.ProcModel` (see its docstring).
 """
 
@@ -22,12 +22,16 @@ from .events import (
     ARG_LEN,
     CREATE,
     F_ARGV_TRUNC,
+    F_HELD,
     F_KILLED,
     F_NO_PROC,
     F_PATH_TRUNC,
     KIND_CODES,
-    MAX_LEVELS,
+    MAX_CGROUPS,
+    EXEC_HOLD,
+    EXEC_KILL,
     NAME_LEN,
+    NOTE_HELD,
     NOTE_KILLED,
     NOTE_PATH_TRUNCATED,
     NOTE_PROC_UNKNOWN,
@@ -44,7 +48,7 @@ from .events import (
     RawPathEvent,
 )
 from .paths import BPF_DIR
-from .procmodel import ProcModel, ProcState, read_stat
+from .procmodel import ProcModel, ProcState, alive, normalize, read_stat
 
 SOURCE = BPF_DIR / "sensor.c"
 
@@ -72,7 +76,7 @@ class SensorStats:
 
 
 def _struct_of(cls: type[ctypes.Structure]) -> struct.Struct:
-    """A struct.Struct matching a flat ctypes mirror (unpacking is ~5x faster than ctypes)."""
+    """A struct.Struct matching a flat ctypes mirror (3x faster than ctypes field access)."""
     codes = {
         ctypes.c_uint64: "Q",
         ctypes.c_int64: "q",
@@ -102,6 +106,7 @@ _EXEC_ARGV_OFF = RawExecEvent.argv.offset
 _CONN = struct.Struct("<HHI16s")  # family, port (big-endian on the wire), addrlen, addr
 _CONN_OFF = RawConnectEvent.family.offset
 _CONN_UNIX_OFF = RawConnectEvent.unix_path.offset
+_OPEN = next(code for code, kind in KIND_CODES.items() if kind is Kind.OPEN)
 _FAMILIES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6", socket.AF_UNIX: "unix"}
 
 
@@ -190,7 +195,7 @@ class Sensor:
         self._pending: list[tuple[tuple, bytes]] = []
         self._stats = SensorStats()
         self._model = ProcModel()
-        self._kill_enabled = False
+        self._exec_rules = False
         self._comms: dict[bytes, str] = {}
         self._next_prune = 0
 
@@ -278,7 +283,7 @@ class Sensor:
         b = self._bpf
         if b is None:
             return
-        levels: dict[int, int] = {}  # cgroup id -> depth below the v2 root
+        watched: list[tuple[int, int]] = []  # (depth below the v2 root, cgroup id)
         if self._cgroups:
             try:
                 root = cg.find_v2_mount()
@@ -287,17 +292,12 @@ class Sensor:
             for path in self._cgroups:
                 try:
                     rel = path.resolve().relative_to(root)
-                    levels[os.stat(path).st_ino] = len(rel.parts)
+                    watched.append((len(rel.parts), os.stat(path).st_ino))
                 except (ValueError, OSError) as e:
                     raise SensorError(f"{path} is not a cgroup under {root}") from e
-        depths = sorted(set(levels.values()))
-        if len(depths) > MAX_LEVELS:
-            raise SensorError(f"watched cgroups span more than {MAX_LEVELS} depths")
-
-        watched = b[b"watched_cgroups"]
-        watched.clear()
-        for cid in levels:
-            watched[ctypes.c_uint64(cid)] = ctypes.c_uint8(1)
+        watched = sorted(set(watched))
+        if len(watched) > MAX_CGROUPS:
+            raise SensorError(f"at most {MAX_CGROUPS} cgroups can be watched at once")
 
         tracked = b[b"tracked"]
         tracked.clear()
@@ -312,41 +312,70 @@ class Sensor:
                 for pid in descendants(self._pids) - members:
                     tracked[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
                     members.add(pid)
+            # The kernel drops an entry at exit. A process that exited before its entry
+            # went in (a zombie, or gone) would keep it forever: check after inserting, so
+            # an exit racing with us is seen by one side or the other.
+            for pid in list(members):
+                if not alive(pid):
+                    try:
+                        del tracked[ctypes.c_uint32(pid)]
+                    except KeyError:
+                        pass  # the kernel saw the exit after all
+                    members.discard(pid)
         for path in self._cgroups:
             members.update(cg.pids(path))
         self._seed(members)
-        self._write_cfg(depths)
+        self._write_cfg(watched)
 
-    def set_exec_kills(self, names: Iterable[str], paths: Iterable[str]) -> None:
-        """Programs killed in the kernel at exec entry: by basename or by exact path, as the
-        filename is passed to execve (no resolution). Replaces the previous sets."""
+    def set_exec_rules(
+        self, *, kill_names: Iterable[str] = (), kill_paths: Iterable[str] = (),
+        hold_names: Iterable[str] = (),
+    ) -> list[str]:
+        """Exec rules the kernel acts on at syscall entry, compiled from the policy by the
+        engine; matched on the filename as passed to execve (no resolution), by exact path or
+        by basename. Kill: SIGKILL, the program never runs. Hold: SIGSTOP, the program stops
+        before its first instruction until the guard decides and sends SIGCONT or SIGKILL.
+        Replaces the previous rules; kill wins over hold for the same name.
+
+        Returns the entries the kernel cannot compare (a name with '/' or of 64+ bytes, a
+        path of 256+ bytes): they are left to the engine, which judges every exec anyway.
+        """
         b = self._require()
-        name_keys = [os.fsencode(n) for n in names]
-        path_keys = [os.fsencode(p) for p in paths]
-        for n in name_keys:
-            if not n or b"/" in n or len(n) >= NAME_LEN:
-                raise SensorError(f"exec kill name {n!r}: needs 1..{NAME_LEN - 1} bytes, no '/'")
-        for p in path_keys:
-            if not p or len(p) >= PATH_LEN:
-                raise SensorError(f"exec kill path {p!r}: needs 1..{PATH_LEN - 1} bytes")
-        for table, keys in ((b[b"kill_names"], name_keys), (b[b"kill_paths"], path_keys)):
+        skipped: list[str] = []
+        names: dict[bytes, int] = {}
+        paths: dict[bytes, int] = {}
+        for action, entries in ((EXEC_HOLD, hold_names), (EXEC_KILL, kill_names)):
+            for n in entries:
+                raw = os.fsencode(n)
+                if 0 < len(raw) < NAME_LEN and b"/" not in raw:
+                    names[raw] = action
+                else:
+                    skipped.append(n)
+        for p in kill_paths:
+            raw = os.fsencode(p)
+            if 0 < len(raw) < PATH_LEN:
+                paths[raw] = EXEC_KILL
+            else:
+                skipped.append(p)
+        for table, entries in ((b[b"exec_names"], names), (b[b"exec_paths"], paths)):
             table.clear()
-            for k in keys:
+            for k, action in entries.items():
                 key = table.Key()
                 key.s = k
-                table[key] = ctypes.c_uint8(1)
-        self._kill_enabled = bool(name_keys or path_keys)
+                table[key] = ctypes.c_uint8(action)
+        self._exec_rules = bool(names or paths)
         self._write_cfg(None)
+        return skipped
 
-    def _write_cfg(self, depths: list[int] | None) -> None:
+    def _write_cfg(self, watched: list[tuple[int, int]] | None) -> None:
         table = self._require()[b"scope"]
         cfg = table[ctypes.c_int(0)]
-        if depths is not None:
-            cfg.nlevels = len(depths)
-            for i, d in enumerate(depths):
-                cfg.levels[i] = d
+        if watched is not None:
+            cfg.ncgroups = len(watched)
+            for i, (level, cid) in enumerate(watched):
+                cfg.levels[i], cfg.ids[i] = level, cid
             cfg.pid_mode = int(bool(self._pids))
-        cfg.kill_enabled = int(self._kill_enabled)
+        cfg.exec_rules = int(self._exec_rules)
         table[ctypes.c_int(0)] = cfg
 
     def _seed(self, tgids: Iterable[int]) -> None:
@@ -414,17 +443,22 @@ class Sensor:
 
     def _take(self, cut: int | None) -> list[Event]:
         raw, self._raw = self._raw, []
-        batch = self._pending
         unpack = _HDR.unpack_from
-        batch.extend((unpack(r), r) for r in raw)
-        if cut is None:
-            ready, self._pending = batch, []
-        else:
-            ready = [x for x in batch if x[0][0] <= cut]
-            self._pending = [x for x in batch if x[0][0] > cut] if len(ready) < len(batch) else []
-        ready.sort(key=_by_ts)
+        batch = [(unpack(r), r) for r in raw]
+        if self._pending:
+            batch = self._pending + batch
+            self._pending = []
+        if cut is not None and batch and max(h[0] for h, _ in batch) > cut:
+            self._pending = [x for x in batch if x[0][0] > cut]
+            batch = [x for x in batch if x[0][0] <= cut]
+        # Each per-CPU buffer is already in order: timsort merges those runs cheaply.
+        batch.sort(key=_by_ts)
         decode = self._decode
-        out = [ev for ev in (decode(h, r) for h, r in ready) if ev is not None]
+        out = []
+        for h, r in batch:
+            ev = decode(h, r)
+            if ev is not None:
+                out.append(ev)
         self._stats.events += len(out)
         now = time.monotonic_ns()
         if now > self._next_prune:
@@ -437,13 +471,30 @@ class Sensor:
     def _decode(self, hdr: tuple, r: bytes) -> Event | None:
         (ts, cgid, start, ret, pid, tgid, ppid, uid, code, flags, fd, sc_flags, child, plen,
          comm_b) = hdr  # fmt: skip
-        kind = KIND_CODES.get(code)
-        if kind is None:
-            return None
         comm = self._comms.get(comm_b)
         if comm is None:
             comm = self._comms[comm_b] = _text(comm_b)
         model = self._model
+        if code == _OPEN and not flags & (F_NO_PROC | F_PATH_TRUNC):
+            # Fast path for the bulk of the stream (opens of a known process): the same
+            # result as the general path below, with fewer calls. ~30% more events/s.
+            st = model.procs.get(tgid)
+            if st is not None and st.start_ns == start:
+                raw_path = r[_PATH_OFF : _PATH_OFF + plen - 1].decode("utf-8", "backslashreplace")
+                path = normalize(raw_path) if raw_path[:1] == "/" else None
+                if path is None:
+                    path = model.resolve(st, tgid, fd, raw_path)
+                if path is not None:
+                    st.last_seen_ns = ts
+                    if ret >= 0:
+                        st.fds[ret] = path
+                    return Event(
+                        Kind.OPEN, ts, pid, tgid, ppid, uid, comm, cgid, start, raw_path, path,
+                        (), False, sc_flags, _access_cached(sc_flags), ret,
+                    )  # fmt: skip
+        kind = KIND_CODES.get(code)
+        if kind is None:
+            return None
         st = model.get(tgid, start)
         st.last_seen_ns = ts
         notes: list[str] = []
@@ -484,6 +535,7 @@ class Sensor:
                 if ret >= 0 and path is not None:
                     st.fds[ret] = path
             elif kind is Kind.UNLINK:
+                ev.ret = ret
                 ev.is_dir = bool(sc_flags & AT_REMOVEDIR)
             elif kind is Kind.CHDIR:
                 ev.ret = ret
@@ -495,6 +547,8 @@ class Sensor:
                     ev.argv_truncated = True
                 if flags & F_KILLED:
                     notes.append(NOTE_KILLED)
+                elif flags & F_HELD:
+                    notes.append(NOTE_HELD)
         elif kind is Kind.CONNECT:
             family, port, addrlen, addr = _CONN.unpack_from(r, _CONN_OFF)
             ev.family = _FAMILIES.get(family, str(family))

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import orjson
 
+from ebpf_guard import cgroups
+
 GUARD = [sys.executable, "-m", "ebpf_guard.cli"]
 REPO = Path(__file__).resolve().parent.parent
 
@@ -78,9 +80,12 @@ class GuardRun:
         try:
             self.out, self.err = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.out, self.err = self.proc.communicate()
-            raise
+            # Kill the agent first (it holds our pipes), then let the guard clean up.
+            for child in children_of(self.parent):
+                cgroups.kill_cgroup(child)
+            self.proc.terminate()
+            self.out, self.err = self.proc.communicate(timeout=30)
+            raise AssertionError(f"ebpf-guard run did not finish in {timeout}s: {self.err}")
         return self.proc.returncode
 
     def verdicts(self) -> list[dict]:

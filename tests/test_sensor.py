@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from ebpf_guard import cgroups
-from ebpf_guard.events import NOTE_KILLED, Event, Kind
+from ebpf_guard.events import NOTE_HELD, NOTE_KILLED, Event, Kind
 from ebpf_guard.sensor import Sensor, SensorError, descendants
 from tests.conftest import requires_bpf
 
@@ -104,14 +105,14 @@ def sensor() -> Iterator[Sensor]:
 @pytest.fixture
 def cg(sensor: Sensor, tmp_cgroup: Path) -> Iterator[Path]:
     """A fresh cgroup, and the module sensor watching exactly it."""
-    sensor.set_exec_kills((), ())
+    sensor.set_exec_rules()
     sensor.set_scope(cgroups=[tmp_cgroup])
     drain(sensor)
     try:
         yield tmp_cgroup
     finally:
         sensor.set_scope()
-        sensor.set_exec_kills((), ())
+        sensor.set_exec_rules()
 
 
 # -- exec ------------------------------------------------------------------------------------
@@ -312,6 +313,22 @@ def test_descendant_cgroup_is_watched(sensor: Sensor, cg: Path) -> None:
     assert ex.cgroup_id == os.stat(child_cg).st_ino
 
 
+def test_several_cgroups_at_different_depths(sensor: Sensor, cg: Path) -> None:
+    name = f"ebpf-guard-test-{uuid.uuid4().hex[:8]}"
+    other = cgroups.create_cgroup(cgroups.find_v2_mount(), name)
+    try:
+        deep = cgroups.create_cgroup(other, "deep")
+        sensor.set_scope(cgroups=[cg, deep])
+        in_deep = run(deep, ["/bin/true"])
+        in_parent = run(other, ["/bin/true"])  # the parent of a watched cgroup is not watched
+        in_first = run(cg, ["/bin/true"])
+        evs = collect(sensor, exited(in_deep, in_first))
+        assert of(evs, Kind.EXEC, in_deep) and of(evs, Kind.EXEC, in_first)
+        assert not [e for e in evs if e.tgid == in_parent]
+    finally:
+        cgroups.remove_cgroup(other)
+
+
 def test_process_from_before_attach(sensor: Sensor, tmp_cgroup: Path, tmp_path: Path) -> None:
     """Already in the cgroup when the scope is set: ppid/start_ns/cwd come from /proc."""
     (tmp_path / "f").write_text("x")
@@ -384,6 +401,21 @@ def test_pid_mode_follows_descendants(sensor: Sensor, tmp_cgroup: Path, tmp_path
         sensor.set_scope()
 
 
+def test_pid_mode_on_a_zombie_tracks_nothing(sensor: Sensor, tmp_cgroup: Path) -> None:
+    """An exited, unreaped process is not live: `watch --pid` must see an empty set."""
+    p = subprocess.Popen(["/bin/true"], preexec_fn=into(tmp_cgroup))
+    try:
+        deadline = time.monotonic() + 5
+        stat = Path(f"/proc/{p.pid}/stat")
+        while b") Z" not in stat.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sensor.set_scope(pids=[p.pid])
+        assert sensor.tracked_count() == 0
+    finally:
+        p.wait()
+        sensor.set_scope()
+
+
 def test_missing_pid_is_an_error() -> None:
     with pytest.raises(SensorError, match="no process with PID 999999999"):
         Sensor(pids=[999999999]).start()
@@ -402,7 +434,7 @@ def forbidden_script(tmp_path: Path, marker: Path) -> Path:
 def test_exec_kill_by_name_never_runs(sensor: Sensor, cg: Path, tmp_path: Path) -> None:
     marker = tmp_path / "marker"
     script = forbidden_script(tmp_path, marker)
-    sensor.set_exec_kills([script.name], [])
+    assert sensor.set_exec_rules(kill_names=[script.name, "x" * 64, "a/b"]) == ["x" * 64, "a/b"]
     sh = run(cg, ["/bin/sh", "-c", f"{script}; echo after $?"])
     evs = collect(sensor, exited(sh))
     (ex,) = [e for e in of(evs, Kind.EXEC) if e.path == str(script)]
@@ -416,7 +448,7 @@ def test_exec_kill_by_name_never_runs(sensor: Sensor, cg: Path, tmp_path: Path) 
 def test_exec_kill_by_path(sensor: Sensor, cg: Path, tmp_path: Path) -> None:
     marker = tmp_path / "marker"
     script = forbidden_script(tmp_path, marker)
-    sensor.set_exec_kills([], [str(script)])
+    sensor.set_exec_rules(kill_paths=[str(script)])
     with subprocess.Popen([str(script)], preexec_fn=into(cg)) as p:
         p.wait(timeout=10)
     assert p.returncode == -9 and not marker.exists()
@@ -425,6 +457,29 @@ def test_exec_kill_by_path(sensor: Sensor, cg: Path, tmp_path: Path) -> None:
     # Another basename in the same directory is not affected.
     other = forbidden_script(tmp_path, tmp_path / "other")
     assert subprocess.run([str(other)], preexec_fn=into(cg), timeout=10).returncode == 0
+
+
+def test_exec_hold_stops_before_the_first_instruction(sensor: Sensor, cg: Path, tmp_path: Path) -> None:
+    """A held exec completes but the program runs nothing until SIGCONT."""
+    marker = tmp_path / "marker"
+    script = forbidden_script(tmp_path, marker)
+    sensor.set_exec_rules(hold_names=[script.name])
+    with subprocess.Popen([str(script)], preexec_fn=into(cg)) as p:
+        try:
+            evs = collect(sensor, lambda evs: bool(of(evs, Kind.EXEC, p.pid)))
+            assert NOTE_HELD in of(evs, Kind.EXEC, p.pid)[0].notes
+            # Stopped (T) once the exec finished, and still nothing has run after a while.
+            deadline = time.monotonic() + 5
+            while Path(f"/proc/{p.pid}/stat").read_text().split(") ")[1][0] != "T":
+                assert time.monotonic() < deadline, "held process never stopped"
+                time.sleep(0.005)
+            time.sleep(0.2)
+            assert not marker.exists()
+        finally:
+            os.kill(p.pid, signal.SIGCONT)
+        assert p.wait(timeout=10) == 0
+    assert marker.read_text() == "ran\n"
+    sensor.set_exec_rules()
 
 
 # -- loss accounting -------------------------------------------------------------------------
