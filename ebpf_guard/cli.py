@@ -142,11 +142,12 @@ class Session:
             raise UserError(f"cannot open the verdict log: {e}") from None
         stack.callback(self.log.close)
         out_file = stack.enter_context(open(opts.output_path, "wb")) if opts.output_path else None
-        self.printer = Printer(json=opts.json_out, file=out_file, quiet=opts.quiet)
+        self.printer = Printer(redactor=redactor, json=opts.json_out, file=out_file,
+                               quiet=opts.quiet)
         recorder = None
         if opts.record_path:
             recorder = Recorder(opts.record_path, policy=opts.policy_path, workspace=opts.workspace,
-                                mode=self.engine.mode.value)
+                                mode=self.engine.mode.value, redactor=redactor)
             stack.callback(recorder.close)
         self.recorder = recorder
         self.cgroup = cgroup
@@ -314,11 +315,13 @@ def _spawn_when_watched(command: list[str], cgroup: Path, session: Session) -> s
     """
     go_read, go_write = os.pipe()
     procs_file = str(cgroup / "cgroup.procs")
+    freezer = session.actuator.freezer
 
     def join_cgroup_and_wait() -> None:
         with open(procs_file, "w") as f:
             f.write(str(os.getpid()))
-        session.actuator.freezer.adopt(os.getpid())
+        if freezer.path != cgroup:  # a v1 freezer (hosts where v2 cannot freeze) joins too
+            freezer.adopt(os.getpid())
         os.close(go_write)
         if os.read(go_read, 1) != b"g":
             os._exit(126)  # the guard went away before watching: never run unwatched

@@ -48,7 +48,7 @@ def check_btf() -> Check:
 
 
 def check_tracefs() -> Check:
-    if (host.TRACEFS / "events" / "syscalls").is_dir():
+    if host.tracefs_mounted():
         return Check("tracefs", "ok", f"mounted at {host.TRACEFS}")
     return Check("tracefs", "warn", f"not mounted at {host.TRACEFS}; watch/run mount it themselves",
                  f"mount -t tracefs nodev {host.TRACEFS}")

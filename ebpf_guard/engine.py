@@ -542,9 +542,10 @@ class Engine:
         scope = rule.scope if rule is not None and verdict is Verdict.KILL else Scope.PROCESS
         on_deny: Verdict | None = None
         if verdict is Verdict.HALT and self._mode is Mode.CONFIRM and not remembered:
-            verdict, on_deny = Verdict.ASK, Verdict.HALT
+            # A human who answers "deny" wants it stopped: kill, as for ASK rules.
+            verdict, on_deny = Verdict.ASK, Verdict.KILL
         elif verdict is Verdict.ASK:
-            on_deny = self._deny_verdict(rule) if rule is not None else Verdict.HALT
+            on_deny = self._deny_verdict(rule) if rule is not None else Verdict.KILL
         d = Decision(verdict, name, reason, ev, scope=scope, value=dec_value)
         if verdict is Verdict.ASK:
             d.ask_timeout_s = self.policy.ask.timeout_s

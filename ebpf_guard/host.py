@@ -17,9 +17,16 @@ class HostError(Exception):
     """A missing prerequisite, phrased as one line with its fix."""
 
 
+def tracefs_mounted() -> bool:
+    """Is tracefs mounted at TRACEFS? Read from the mount table: works without root, unlike
+    looking inside (tracefs directories are root-only)."""
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == str(TRACEFS) and " - tracefs " in line for line in f)
+
+
 def ensure_tracefs() -> str | None:
     """Mount tracefs if the syscall tracepoints are not visible. Returns what was done, if anything."""
-    if (TRACEFS / "events" / "syscalls").is_dir():
+    if tracefs_mounted() and (TRACEFS / "events" / "syscalls").is_dir():
         return None
     if os.geteuid() != 0:
         raise HostError(f"tracefs is not mounted at {TRACEFS} and only root can mount it")

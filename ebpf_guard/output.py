@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import IO
 
 import orjson
+
+from ebpf_guard.redact import Redactor
 
 from ebpf_guard.events import Event, Kind
 from ebpf_guard.verdicts import Decision, Verdict
@@ -35,18 +38,18 @@ def describe(event: Event) -> str:
     return ""
 
 
-def event_json(decision: Decision) -> bytes:
-    ev = decision.event.to_dict()
-    return orjson.dumps(
-        {"verdict": decision.verdict.value, "rule": decision.rule, "reason": decision.reason, "event": ev}
-    )
+def event_json(decision: Decision, redact: Callable[[dict], dict]) -> bytes:
+    return orjson.dumps(redact({"verdict": decision.verdict.value, "rule": decision.rule,
+                                "reason": decision.reason, "event": decision.event.to_dict()}))
 
 
 class Printer:
     """Prints every decided event: human lines to a TTY, JSON lines with json=True, and/or a file."""
 
-    def __init__(self, *, json: bool = False, stream: IO[str] | None = None, file: IO[bytes] | None = None,
-                 quiet: bool = False) -> None:
+    def __init__(self, *, redactor: Redactor, json: bool = False, stream: IO[str] | None = None,
+                 file: IO[bytes] | None = None, quiet: bool = False) -> None:
+        # Everything printed is redacted like the verdict log: stdout is often a file too.
+        self.redact = redactor.redact_obj
         self.json = json
         self.stream = stream or sys.stdout
         self.file = file
@@ -56,11 +59,11 @@ class Printer:
 
     def decision(self, decision: Decision) -> None:
         if self.file is not None:
-            self.file.write(event_json(decision) + b"\n")
+            self.file.write(event_json(decision, self.redact) + b"\n")
         if self.quiet and decision.verdict is Verdict.SAFE:
             return
         if self.json:
-            self.stream.write(event_json(decision).decode() + "\n")
+            self.stream.write(event_json(decision, self.redact).decode() + "\n")
             self.stream.flush()
             return
         ev = decision.event
@@ -72,10 +75,10 @@ class Printer:
         verdict = decision.verdict.value if decision.verdict is not Verdict.SAFE else ""
         line = (
             f"{(ev.ts_ns - self._t0) / 1e9:<9.3f} {verdict:<7} {ev.tgid:>7} {ev.ppid:>7} {ev.uid:>6} "
-            f"{ev.comm[:16]:<16} {ev.kind.value:<7} {describe(ev)}"
+            f"{ev.comm[:16]:<16} {ev.kind.value:<7} {self.redact(describe(ev))}"
         )
         if decision.verdict is not Verdict.SAFE:
-            line += f"  <- {decision.rule}: {decision.reason}"
+            line += f"  <- {decision.rule}: {self.redact(decision.reason)}"
         self.stream.write(line + "\n")
         self.stream.flush()
 

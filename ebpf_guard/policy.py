@@ -139,7 +139,7 @@ class Rule:
     description: str = ""
     scope: Scope = Scope.PROCESS
     rate: Rate | None = None
-    on_deny: Verdict = Verdict.HALT  # ASK rules: what a "deny" answer turns into
+    on_deny: Verdict = Verdict.KILL  # ASK rules: what a "deny" answer turns into
     order: int = 0  # position in the (merged) rule list: ties go to the earlier rule
     file: str = ""
     line: int = 0
@@ -658,7 +658,7 @@ class _Parser:
                 self.at(f["scope"], "scope only applies to KILL rules")
             else:
                 scope = Scope(v)
-        on_deny = Verdict.HALT
+        on_deny = Verdict.KILL
         if "on_deny" in f:
             if verdict is not None and verdict is not Verdict.ASK:
                 self.at(f["on_deny"], "on_deny only applies to ASK rules")

@@ -16,6 +16,7 @@ from typing import IO
 import orjson
 
 from ebpf_guard.events import Event
+from ebpf_guard.redact import Redactor
 
 FORMAT = 1
 
@@ -31,7 +32,12 @@ class RecordingHeader:
 
 
 class Recorder:
-    def __init__(self, path: Path, *, policy: Path, workspace: str, mode: str) -> None:
+    """Writes the event stream as the engine saw it, with secrets masked by the same redactor
+    as the verdict log: no raw secret reaches disk through a recording either."""
+
+    def __init__(self, path: Path, *, policy: Path, workspace: str, mode: str,
+                 redactor: Redactor) -> None:
+        self._redact = redactor.redact_obj
         self._file: IO[bytes] = open(path, "wb")
         header = {
             "type": "recording",
@@ -47,7 +53,7 @@ class Recorder:
         self._homes_seen: set[int] = set()
 
     def write(self, event: Event, home: str | None = None) -> None:
-        line = event.to_dict()
+        line = self._redact(event.to_dict())
         # The {home} of each uid is recorded on its first event, so replay needs no passwd db.
         if event.uid not in self._homes_seen:
             self._homes_seen.add(event.uid)

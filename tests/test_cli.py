@@ -46,8 +46,8 @@ def test_run_streams_events_of_the_whole_tree_as_json(tmp_path: Path):
     assert [e["argv"][0] for e in execs][:1] == ["sh"]
     assert any(e["path"] == "/bin/true" or e["path"].endswith("/true") for e in execs)
     assert any(e["kind"] == "open" and e["path"] == "/etc/hostname" for e in events)
-    # The child ran inside the watched cgroup before exec: its very first event is its exec.
-    assert events[0]["kind"] == "exec"
+    # The child joined the watched cgroup before exec: its very first event is its exec.
+    assert events[0]["kind"] == "exec" and events[0]["argv"][0] == "sh"
 
 
 @requires_bpf
@@ -79,18 +79,42 @@ def test_run_interrupted_kills_tree_and_removes_cgroup(tmp_cgroup: Path, tmp_pat
             p.kill()
 
 
+def _watch(args: list[str], tmp_path: Path, go: Path) -> tuple[int, list[dict], str]:
+    """Run `watch ARGS`, start the workload (touch `go`) once attached; (status, events, stderr)."""
+    p = subprocess.Popen([*GUARD, "watch", *args, *AUDIT, "--log", str(tmp_path / "v.jsonl"),
+                          "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err = []
+    try:
+        for line in p.stderr:
+            err.append(line)
+            if "attached in" in line:
+                go.touch()
+                break
+        out, rest = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    events = [orjson.loads(line)["event"] for line in out.splitlines()]
+    return p.returncode, events, "".join(err) + rest
+
+
+def _after(go: Path, cmd: str) -> list[str]:
+    return ["sh", "-c", f"while [ ! -e {go} ]; do sleep 0.01; done; {cmd}"]
+
+
 @requires_bpf
 def test_watch_cgroup_until_empty(tmp_cgroup: Path, tmp_path: Path):
-    worker = subprocess.Popen(["sh", "-c", "sleep 1; cat /etc/hostname >/dev/null"],
+    go = tmp_path / "go"
+    worker = subprocess.Popen(_after(go, "cat /etc/hostname >/dev/null"),
                               preexec_fn=lambda: cgroups.move_pid(tmp_cgroup, os.getpid()))
     try:
         # The cgroup as /proc/PID/cgroup prints it, relative to the v2 root.
         rel = "/" + str(tmp_cgroup.relative_to(cgroups.find_v2_mount()))
-        r = guard("watch", "--cgroup", rel, *AUDIT, "--log", str(tmp_path / "v.jsonl"), "--json")
-        assert r.returncode == 0, r.stderr
-        events = [orjson.loads(line)["event"] for line in r.stdout.splitlines()]
+        rc, events, err = _watch(["--cgroup", rel], tmp_path, go)
+        assert rc == 0, err
         assert any(e["kind"] == "open" and e["path"] == "/etc/hostname" for e in events)
-        assert "is empty" in r.stderr
+        assert "is empty" in err
     finally:
         worker.kill()
         worker.wait()
@@ -98,13 +122,14 @@ def test_watch_cgroup_until_empty(tmp_cgroup: Path, tmp_path: Path):
 
 @requires_bpf
 def test_watch_pid_follows_descendants_until_gone(tmp_path: Path):
-    worker = subprocess.Popen(["sh", "-c", "sleep 1.5; sh -c 'cat /etc/hostname >/dev/null'"])
+    go = tmp_path / "go"
+    worker = subprocess.Popen(_after(go, "sh -c 'cat /etc/hostname >/dev/null'"))
     try:
-        r = guard("watch", "--pid", str(worker.pid), *AUDIT, "--log", str(tmp_path / "v.jsonl"),
-                  "--json")
-        assert r.returncode == 0, r.stderr
-        events = [orjson.loads(line)["event"] for line in r.stdout.splitlines()]
-        assert any(e["kind"] == "open" and e["path"] == "/etc/hostname" for e in events)
+        rc, events, err = _watch(["--pid", str(worker.pid)], tmp_path, go)
+        assert rc == 0, err
+        opens = [e for e in events if e["kind"] == "open" and e["path"] == "/etc/hostname"]
+        assert opens and opens[0]["tgid"] != worker.pid  # a descendant's open was followed
+        assert "are gone" in err
     finally:
         worker.kill()
         worker.wait()

@@ -339,7 +339,7 @@ def test_confirm_mode_turns_halt_into_ask() -> None:
     eng = engine(mode=Mode.CONFIRM)
     assert eng.mode is Mode.CONFIRM
     d = eng.evaluate(exec_(["curl", "x"]))
-    assert (d.verdict, d.rule, d.on_deny) == (Verdict.ASK, "exfil-tool", Verdict.HALT)
+    assert (d.verdict, d.rule, d.on_deny) == (Verdict.ASK, "exfil-tool", Verdict.KILL)
     assert d.ask_timeout_s == 120.0 and d.ask_default == "deny"
     assert eng.evaluate(open_(f"{HOME}/.ssh/id_rsa")).verdict is Verdict.KILL
     for t in range(4):

@@ -1,0 +1,189 @@
+"""Issue #4 end to end: ASK approvals on a real frozen cgroup, incidents, redaction on disk,
+replay of a recording, and the report of a real run."""
+
+from __future__ import annotations
+
+import subprocess
+import textwrap
+from pathlib import Path
+
+import orjson
+import pytest
+
+from ebpf_guard import approvals, cgroups
+from tests.conftest import requires_bpf
+from tests.helpers import REPO, GuardRun, as_nobody, guard, records, wait_for
+from tests.test_enforce import EXIT_KILLED, agent, outside, ws  # noqa: F401 - fixtures
+
+pytestmark = requires_bpf
+DEFAULT = REPO / "policies" / "default.yaml"
+
+
+def _pending_for(rule: str, timeout: float = 30) -> dict:
+    def find():
+        try:
+            return [p for p in approvals.list_pending() if p["rule"] == rule]
+        except approvals.ApprovalError:
+            return []
+    return wait_for(find, timeout=timeout)[0]
+
+
+def _ask_policy(tmp_path: Path, *, timeout: str = "120s", default: str = "deny") -> Path:
+    p = tmp_path / "ask.yaml"
+    p.write_text(f"version: 1\nextends: {DEFAULT}\nmode: confirm\nask: {{timeout: {timeout}, default: {default}}}\n")
+    return p
+
+
+def _curl_agent(marker: Path) -> list[str]:
+    # curl is a HALT under the default policy: in confirm mode it becomes an ASK.
+    return ["sh", "-c", f"curl --version >/dev/null; echo curl=$? > {marker}"]
+
+
+def test_ask_freezes_and_approve_thaws(tmp_cgroup, tmp_path, ws):
+    marker, log = tmp_path / "after", tmp_path / "v.jsonl"
+    with GuardRun(tmp_cgroup, log, _curl_agent(marker), policy=_ask_policy(tmp_path), workspace=ws) as run:
+        pending = _pending_for("exfil-tool")
+        cg = run.cgroup()
+        assert cgroups.is_frozen(cg) and not marker.exists()
+        listing = guard("approvals")
+        assert pending["id"] in listing.stdout and "exfil-tool" in listing.stdout
+        assert guard("approve", pending["id"]).returncode == 0
+        assert run.wait() == 0, run.err  # approved: the command's own status
+    assert marker.read_text() == "curl=0\n"
+    (rec,) = records(log, "approval")
+    assert rec["decision"] == "allow" and rec["by_uid"] == 0 and rec["by_user"] == "root"
+    assert rec["via"] == "socket" and rec["waited_s"] >= 0
+    assert [r["verdict"] for r in records(log)] == ["ASK"]
+
+
+def test_ask_deny_kills_the_offender(tmp_cgroup, tmp_path, ws):
+    marker, log = tmp_path / "after", tmp_path / "v.jsonl"
+    with GuardRun(tmp_cgroup, log, _curl_agent(marker), policy=_ask_policy(tmp_path), workspace=ws) as run:
+        pending = _pending_for("exfil-tool")
+        assert guard("deny", pending["id"]).returncode == 0
+        assert run.wait() == EXIT_KILLED, run.err
+    # curl was killed (the shell went on and saw it die of SIGKILL: 128+9).
+    assert marker.read_text() == "curl=137\n"
+    assert records(log, "approval")[0]["decision"] == "deny"
+
+
+def test_ask_timeout_applies_the_default(tmp_cgroup, tmp_path, ws):
+    marker, log = tmp_path / "after", tmp_path / "v.jsonl"
+    policy = _ask_policy(tmp_path, timeout="1s", default="deny")
+    with GuardRun(tmp_cgroup, log, _curl_agent(marker), policy=policy, workspace=ws) as run:
+        assert run.wait() == EXIT_KILLED, run.err
+    (rec,) = records(log, "approval")
+    assert rec["via"] == "timeout" and rec["decision"] == "deny" and rec["waited_s"] >= 1.0
+    assert marker.read_text() == "curl=137\n"
+
+
+def test_non_root_cannot_approve(tmp_cgroup, tmp_path, ws):
+    marker, log = tmp_path / "after", tmp_path / "v.jsonl"
+    with GuardRun(tmp_cgroup, log, _curl_agent(marker), policy=_ask_policy(tmp_path), workspace=ws) as run:
+        pending = _pending_for("exfil-tool")
+        refused = guard("approve", pending["id"], **as_nobody())
+        assert refused.returncode == 1 and "root" in refused.stderr
+        assert cgroups.is_frozen(run.cgroup()) and _pending_for("exfil-tool")["id"] == pending["id"]
+        assert guard("deny", pending["id"]).returncode == 0
+        run.wait()
+
+
+def test_halt_writes_an_incident_with_the_frozen_tree(tmp_cgroup, tmp_path, ws, outside):  # noqa: F811
+    log = tmp_path / "v.jsonl"
+    code = f"""
+        import os, time
+        os.chdir({str(ws)!r})
+        keep = open("notes.txt", "w")          # an open file the snapshot should show
+        open({str(outside / 'x')!r}, 'w')       # HALT: write outside the workspace
+        time.sleep(30)
+    """
+    script = tmp_path / "agent.py"
+    script.write_text(textwrap.dedent(code))
+    # "; true" keeps the shell around as the agent's parent, so the tree has two processes.
+    with GuardRun(tmp_cgroup, log, ["sh", "-c", f"{agent('')[0]} {script}; true"], workspace=ws) as run:
+        cg = run.cgroup()
+        assert cgroups.wait_frozen(cg, 20)
+        rec = wait_for(lambda: [r for r in records(log) if r["verdict"] == "HALT"])[0]
+        incident = Path(rec["incident"])
+        wait_for(incident.exists)
+        data = orjson.loads(incident.read_bytes())
+        guard("kill", "--cgroup", str(cg))
+        run.wait()
+    assert data["record"]["rule"] == "write-outside-workspace"
+    assert any(e["kind"] == "open" and e["path"].endswith("notes.txt") for e in data["recent_events"])
+    tree = data.get("process_tree") or data["tree"]
+    procs = {p["pid"]: p for p in tree}
+    offender = procs[rec["event"]["tgid"]]
+    assert offender["cwd"] == str(ws) and offender["status"] in ("stopped", "sleeping", "disk-sleep")
+    assert any(f["path"] == str(ws / "notes.txt") for f in offender["open_files"])
+    assert any(p["pid"] == offender["ppid"] for p in tree)  # the parent shell is in the tree too
+
+
+SECRETS = {
+    "openai": "sk-proj-A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6",
+    "github": "ghp_abcdefghijklmnopqrstuvwxyz0123456789",
+    "aws": "AKIAIOSFODNN7EXAMPLE",
+    "jwt": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
+}
+
+
+def test_no_raw_secret_reaches_disk(tmp_cgroup, tmp_path, ws):
+    logdir = tmp_path / "logs"
+    log, rec = logdir / "v.jsonl", tmp_path / "session.rec"
+    url = f"http://user:hunter2pass@127.0.0.1:9/?token={SECRETS['openai']}"
+    cmd = ["sh", "-c", f"curl -s --max-time 1 -H 'Authorization: Bearer {SECRETS['github']}' "
+           f"-H 'X-Aws: {SECRETS['aws']}' -H 'X-Jwt: {SECRETS['jwt']}' '{url}' -o /dev/null; exit 0"]
+    with GuardRun(tmp_cgroup, log, cmd, workspace=ws, mode="audit", extra=("--log-all", "--record", str(rec),
+                  "--output", str(tmp_path / "out.jsonl"))) as run:
+        assert run.wait() == 0, run.err
+    assert [r["rule"] for r in records(log) if r["verdict"] != "SAFE"] == ["exfil-tool"]
+    on_disk = b"".join(p.read_bytes() for p in [*logdir.rglob("*"), rec] if p.is_file())
+    for kind, secret in [*SECRETS.items(), ("password", "hunter2pass")]:
+        assert secret.encode() not in on_disk, f"raw {kind} secret on disk"
+    assert b"[REDACTED" in on_disk
+    # --output is the user's own event stream file: it is redacted the same way.
+    assert SECRETS["github"].encode() not in (tmp_path / "out.jsonl").read_bytes()
+
+
+def test_replay_reproduces_the_logged_verdicts(tmp_cgroup, tmp_path, ws, outside):  # noqa: F811
+    (ws / ".env").write_text("X=1\n")
+    for i in range(5):
+        (ws / f"f{i}").write_text("x")
+    script = (f"cat {ws}/.env >/dev/null; curl --version >/dev/null; echo x > {outside}/o; "
+              f"rm {ws}/f0 {ws}/f1 {ws}/f2 {ws}/f3; chmod 777 {ws}/f4")
+    log, rec = tmp_path / "v.jsonl", tmp_path / "s.rec"
+    with GuardRun(tmp_cgroup, log, ["sh", "-c", script], mode="audit", workspace=ws,
+                  extra=("--record", str(rec))) as run:
+        assert run.wait() == 0, run.err
+    logged = [(r["verdict"], r["rule"], r["event"]["tgid"], r["event"]["ts_ns"]) for r in records(log)]
+    from ebpf_guard.replay import replay
+    (result,) = replay(rec, [DEFAULT])
+    replayed = [(d.verdict.value, d.rule, d.event.tgid, d.event.ts_ns) for d in result.decisions
+                if d.verdict.value != "SAFE"]
+    assert len(logged) >= 4 and replayed == logged
+    # --compare shows where two policies differ.
+    cmp = guard("replay", str(rec), "--compare", str(DEFAULT), str(REPO / "policies" / "strict.yaml"))
+    assert cmp.returncode == 0 and "decided differently" in cmp.stdout and "exfil-tool" in cmp.stdout
+
+
+def test_report_and_verify_of_a_real_run(tmp_cgroup, tmp_path, ws, outside):  # noqa: F811
+    log = tmp_path / "v.jsonl"
+    code = f"open({str(outside / 'x')!r}, 'w'); import time; time.sleep(30)"
+    with GuardRun(tmp_cgroup, log, agent(code), workspace=ws) as run:
+        cg = run.cgroup()
+        assert cgroups.wait_frozen(cg, 20)
+        wait_for(lambda: list((log.parent / "incidents").glob("*.json")))
+        guard("kill", "--cgroup", str(cg))
+        run.wait()
+    assert guard("verify", str(log)).returncode == 0
+    text = guard("report", str(log))
+    assert text.returncode == 0
+    assert "write-outside-workspace" in text.stdout and "HALT" in text.stdout
+    html = guard("report", "--format", "html", "--out", str(tmp_path / "r.html"), str(log))
+    assert html.returncode == 0 and "<html" in (tmp_path / "r.html").read_text().lower()
+    # Tampering with the real log is caught at the edited record.
+    lines = log.read_bytes().splitlines(keepends=True)
+    lines[1] = lines[1].replace(b"write-outside-workspace", b"write-inside-workspace!")
+    log.write_bytes(b"".join(lines))
+    bad = guard("verify", str(log))
+    assert bad.returncode == 1 and "seq 2" in bad.stderr
