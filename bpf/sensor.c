@@ -201,27 +201,22 @@ static __always_inline struct ev_path *stash_take(long ret)
     return ev;
 }
 
-static __always_inline int emit_bulk(void *ctx, long ret)
+static __always_inline int emit_stashed(void *ctx, long ret, int to_urgent)
 {
     struct ev_path *ev = stash_take(ret);
     if (!ev)
         return 0;
-    bulk.perf_submit(ctx, ev, path_event_size(ev->h.path_len));
+    if (to_urgent)
+        urgent.perf_submit(ctx, ev, path_event_size(ev->h.path_len));
+    else
+        bulk.perf_submit(ctx, ev, path_event_size(ev->h.path_len));
     u64 id = bpf_get_current_pid_tgid();
     stash.delete(&id);
     return 0;
 }
 
-static __always_inline int emit_urgent(void *ctx, long ret)
-{
-    struct ev_path *ev = stash_take(ret);
-    if (!ev)
-        return 0;
-    urgent.perf_submit(ctx, ev, path_event_size(ev->h.path_len));
-    u64 id = bpf_get_current_pid_tgid();
-    stash.delete(&id);
-    return 0;
-}
+#define emit_bulk(ctx, ret) emit_stashed(ctx, ret, 0)
+#define emit_urgent(ctx, ret) emit_stashed(ctx, ret, 1)
 
 TRACEPOINT_PROBE(syscalls, sys_exit_openat) { return emit_bulk(args, args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_open) { return emit_bulk(args, args->ret); }

@@ -286,6 +286,22 @@ def kill_cgroup(path: Path) -> None:
     _freeze_and_kill(path)
 
 
+def _rmdir_tree(path: Path, deadline: float) -> bool:
+    """One attempt at removing a cgroup directory tree, deepest first. True when it is gone;
+    False to retry (a dying process still holds it); raises once `deadline` has passed."""
+    try:
+        for d, _, _ in sorted(os.walk(path), key=lambda t: -len(t[0])):
+            os.rmdir(d)
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError as e:
+        if time.monotonic() > deadline:
+            raise CgroupError(f"cannot remove cgroup {path}: {e.strerror}") from e
+        time.sleep(0.01)
+        return False
+
+
 def remove_cgroup(path: Path, timeout: float = 5.0) -> None:
     """Kill whatever is left in the cgroup tree, then remove it (deepest first)."""
     if not path.exists():
@@ -294,16 +310,8 @@ def remove_cgroup(path: Path, timeout: float = 5.0) -> None:
     while True:
         kill_cgroup(path)
         wait_empty(path, max(0.0, min(1.0, deadline - time.monotonic())))
-        try:
-            for d, _, _ in sorted(os.walk(path), key=lambda t: -len(t[0])):
-                os.rmdir(d)
+        if _rmdir_tree(path, deadline):
             return
-        except FileNotFoundError:
-            return
-        except OSError as e:
-            if time.monotonic() > deadline:
-                raise CgroupError(f"cannot remove cgroup {path}: {e.strerror}") from e
-            time.sleep(0.01)
 
 
 # --- Freezer: one interface over v2 cgroup.freeze and the v1 freezer -------------------------
@@ -431,16 +439,8 @@ class V1Freezer(Freezer):
         while True:
             if self.pids():
                 self.kill()
-            try:
-                for d, _, _ in sorted(os.walk(self.path), key=lambda t: -len(t[0])):
-                    os.rmdir(d)
+            if _rmdir_tree(self.path, deadline):
                 return
-            except FileNotFoundError:
-                return
-            except OSError as e:
-                if time.monotonic() > deadline:
-                    raise CgroupError(f"cannot remove {self.path}: {e.strerror}") from e
-                time.sleep(0.01)
 
 
 def can_freeze_v2(path: Path | None) -> bool:

@@ -433,7 +433,8 @@ def check(policies) -> None:
 @click.option("--cgroup", "cgroup_spec", required=True, help="The halted agent's cgroup.")
 def resume(cgroup_spec) -> None:
     """Thaw a halted agent's cgroup."""
-    from ebpf_guard.actuator import ActuatorError, resume as thaw
+    from ebpf_guard.actuator import ActuatorError
+    from ebpf_guard.actuator import resume as thaw
 
     try:
         host.require_root()
@@ -528,10 +529,8 @@ def replay(recording, policy_path, compare, mode, show_all, more_policies) -> No
 @click.option("--out", "out_path", type=click.Path(path_type=Path), default=None, help="Write to FILE.")
 def report(log, last_hours, fmt, out_path) -> None:
     """Forensic report from a verdict log: timeline, counts, incidents, actions."""
-    from ebpf_guard.auditlog import DEFAULT_LOG
+    from ebpf_guard.auditlog import DEFAULT_LOG, log_files
     from ebpf_guard.report import main_report
-
-    from ebpf_guard.auditlog import log_files
 
     path = Path(log or DEFAULT_LOG)
     if not log_files(path):

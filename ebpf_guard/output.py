@@ -8,9 +8,8 @@ from typing import IO
 
 import orjson
 
-from ebpf_guard.redact import Redactor
-
 from ebpf_guard.events import Event, Kind
+from ebpf_guard.redact import Redactor
 from ebpf_guard.verdicts import Decision, Verdict
 
 HEADER = f"{'TIME(s)':<9} {'VERDICT':<7} {'PID':>7} {'PPID':>7} {'UID':>6} {'COMM':<16} {'KIND':<7} DETAIL"

@@ -44,7 +44,7 @@ def replay(recording: Path, policies: list[Path], mode: Mode | None = None) -> l
 def differences(results: list[ReplayResult]) -> list[list[Decision]]:
     """Rows (one decision per policy) for the events on which the policies' verdicts differ."""
     rows = []
-    for decisions in zip(*(r.decisions for r in results)):
+    for decisions in zip(*(r.decisions for r in results), strict=True):
         if len({(d.verdict, d.rule) for d in decisions}) > 1:
             rows.append(list(decisions))
     return rows
@@ -63,6 +63,6 @@ def format_comparison(results: list[ReplayResult], limit: int = 50) -> str:
     lines.append(f"{len(rows)} events decided differently" + (f" (first {limit})" if len(rows) > limit else ""))
     for row in rows[:limit]:
         ev = row[0].event
-        verdicts = "  ".join(f"{n}={d.verdict.value}({d.rule or 'default'})" for n, d in zip(names, row))
+        verdicts = "  ".join(f"{n}={d.verdict.value}({d.rule or 'default'})" for n, d in zip(names, row, strict=True))
         lines.append(f"  pid {ev.tgid} {ev.comm} {ev.kind.value} {describe(ev)}: {verdicts}")
     return "\n".join(lines)

@@ -21,6 +21,8 @@ from . import host
 from .events import (
     ARG_LEN,
     CREATE,
+    EXEC_HOLD,
+    EXEC_KILL,
     F_ARGV_TRUNC,
     F_HELD,
     F_KILLED,
@@ -28,8 +30,6 @@ from .events import (
     F_PATH_TRUNC,
     KIND_CODES,
     MAX_CGROUPS,
-    EXEC_HOLD,
-    EXEC_KILL,
     NAME_LEN,
     NOTE_HELD,
     NOTE_KILLED,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,3 +41,40 @@ def tmp_cgroup() -> Iterator[Path]:
         yield path
     finally:
         cgroups.remove_cgroup(path)
+
+
+def _scratch_dir(name: str) -> Iterator[Path]:
+    # Not under /tmp: the default policy treats /tmp as scratch (writes, deletes, rm -r there
+    # are harmless), so a realistic workspace and "outside" must live elsewhere.
+    path = Path(f"/var/lib/ebpf-guard-test-{uuid.uuid4().hex[:8]}") / name
+    path.mkdir(parents=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path.parent, ignore_errors=True)
+
+
+@pytest.fixture
+def ws() -> Iterator[Path]:
+    """The agent's workspace."""
+    yield from _scratch_dir("ws")
+
+
+@pytest.fixture
+def outside() -> Iterator[Path]:
+    """A directory outside the workspace and outside /tmp (where writes and rm -r are judged)."""
+    yield from _scratch_dir("outside")
+
+
+@pytest.fixture
+def agent_user() -> Iterator[tuple[str, Path]]:
+    """A throwaway user with its own home, so {home} rules are tested without touching root's."""
+    name = f"ebpfg{uuid.uuid4().hex[:6]}"
+    home = Path("/home") / name
+    subprocess.run(["useradd", "--create-home", "--home-dir", str(home), "--shell", "/bin/sh", name],
+                   check=True, capture_output=True)
+    try:
+        yield name, home
+    finally:
+        subprocess.run(["userdel", "--remove", name], capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)

@@ -79,13 +79,13 @@ class GuardRun:
     def wait(self, timeout: float = 60) -> int:
         try:
             self.out, self.err = self.proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as timeout_error:
             # Kill the agent first (it holds our pipes), then let the guard clean up.
             for child in children_of(self.parent):
                 cgroups.kill_cgroup(child)
             self.proc.terminate()
             self.out, self.err = self.proc.communicate(timeout=30)
-            raise AssertionError(f"ebpf-guard run did not finish in {timeout}s: {self.err}")
+            raise AssertionError(f"ebpf-guard run did not finish in {timeout}s: {self.err}") from timeout_error
         return self.proc.returncode
 
     def verdicts(self) -> list[dict]:
@@ -106,3 +106,19 @@ class GuardRun:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def eventually(cond, timeout: float = 3.0) -> bool:
+    """Does `cond()` become true within `timeout` seconds?"""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def grows(path: Path, window: float = 0.15) -> bool:
+    """Does the file get bigger within `window` seconds? (is the writer still running?)"""
+    before = path.stat().st_size
+    return eventually(lambda: path.stat().st_size > before, window)

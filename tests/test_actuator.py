@@ -14,24 +14,13 @@ from ebpf_guard import cgroups
 from ebpf_guard.actuator import Actuator, ActuatorError, kill_all, process_start_ns, resume
 from ebpf_guard.events import Event, Kind
 from ebpf_guard.verdicts import Decision, Mode, Scope, Verdict
+from tests.helpers import grows
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 WRITER = "while :; do echo x >> {f}; done"
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-def grows(path: Path, window: float = 0.15) -> bool:
-    before = path.stat().st_size
-    return wait_for(lambda: path.stat().st_size > before, window)
 
 
 @pytest.fixture

