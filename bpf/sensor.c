@@ -48,6 +48,8 @@ BPF_HASH(stash, u64, struct ev_path, 16384);
 
 /* Scratch (per CPU): the biggest event, and zeroed lookup keys for the kill maps. */
 BPF_PERCPU_ARRAY(scratch, struct ev_exec, 1);
+/* Exec events between syscall entry (argv read) and exit (result known), keyed by tgid. */
+BPF_HASH(exec_stash, u32, struct ev_exec, 1024);
 struct exec_keys {
     struct exec_path_key path;
     struct exec_name_key name;
@@ -293,6 +295,12 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect)
 
 /* ---- exec ------------------------------------------------------------------------- */
 
+static __always_inline u32 exec_event_size(u32 argc)
+{
+    u32 size = offsetof(struct ev_exec, argv) + (argc & 31) * EG_ARG_LEN;
+    return size > sizeof(struct ev_exec) ? sizeof(struct ev_exec) : size;
+}
+
 /* What the exec rules say of the filename, as given (exact path, then basename): 0 or an
  * EG_EXEC_* action. */
 static __always_inline int exec_action(const char *fname)
@@ -346,30 +354,26 @@ static __always_inline int exec_enter(void *ctx, int dfd, const char *fname,
     if (!sc)
         return 0;
 
-    /* Act first, before anything else can fail. SIGKILL at execve entry aborts the exec:
-     * the new program never runs. SIGSTOP lets the exec finish and stops the process before
-     * the new program's first instruction, until userspace has decided (SIGCONT or SIGKILL;
-     * a SIGCONT that arrives while the stop is still pending cancels it). */
-    u32 killed = 0;
+    /* Kill first, before anything else can fail: SIGKILL at execve entry aborts the exec,
+     * the new program never runs (and the exit tracepoint may not fire: emit now). */
     int act = cfg->exec_rules ? exec_action(fname) : 0;
-    if (act == EG_EXEC_KILL) {
+    if (act == EG_EXEC_KILL)
         bpf_send_signal(EG_SIGKILL);
-        killed = EG_F_KILLED;
-    } else if (act == EG_EXEC_HOLD) {
-        bpf_send_signal(EG_SIGSTOP);
-        killed = EG_F_HELD;
-    }
 
     u32 zero = 0;
     struct ev_exec *ev = scratch.lookup(&zero);
     if (!ev)
         return 0;
     fill_hdr(&ev->h, EG_K_EXEC, id, sc);
-    ev->h.flags |= killed;
+    if (act == EG_EXEC_KILL)
+        ev->h.flags |= EG_F_KILLED;
+    else if (act == EG_EXEC_HOLD)
+        ev->h.flags |= EG_F_HELD; /* the stop itself is sent at exit, if the exec succeeded */
     ev->h.fd = dfd;
     ev->h.sc_flags = flags;
     read_path(&ev->h, ev->path, fname);
 
+    /* argv must be read now: a successful exec replaces the memory it lives in. */
     u32 argc = 0;
 #pragma clang loop unroll(disable)
     for (int i = 0; i < EG_MAX_ARGS; i++) {
@@ -390,10 +394,35 @@ static __always_inline int exec_enter(void *ctx, int dfd, const char *fname,
             ev->h.flags |= EG_F_ARGV_TRUNC;
     }
     ev->argc = argc;
-    u32 size = offsetof(struct ev_exec, argv) + (argc & 31) * EG_ARG_LEN;
-    if (size > sizeof(struct ev_exec))
-        size = sizeof(struct ev_exec);
-    urgent.perf_submit(ctx, ev, size);
+    if (act == EG_EXEC_KILL) {
+        urgent.perf_submit(ctx, ev, exec_event_size(argc));
+        return 0;
+    }
+    /* Everything else is emitted at exit with the result: execvp() tries each PATH entry,
+     * and the failed attempts (ENOENT) must not each be judged as "ran curl". Keyed by
+     * tgid: a thread that execs takes over the thread-group leader's pid. */
+    u32 tgid = id >> 32;
+    exec_stash.update(&tgid, ev);
+    return 0;
+}
+
+static __always_inline int exec_exit(void *ctx, long ret)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct ev_exec *ev = exec_stash.lookup(&tgid);
+    if (!ev)
+        return 0;
+    ev->h.ret = ret;
+    ev->h.ts_ns = bpf_ktime_get_ns();
+    /* The exec gate: SIGSTOP on the way back to user space, after the new image is in place
+     * and before its first instruction; the guard sends SIGCONT or SIGKILL once decided. A
+     * failed attempt is not stopped: nothing new would run. */
+    if ((ev->h.flags & EG_F_HELD) && ret == 0)
+        bpf_send_signal(EG_SIGSTOP);
+    else
+        ev->h.flags &= ~EG_F_HELD;
+    urgent.perf_submit(ctx, ev, exec_event_size(ev->argc));
+    exec_stash.delete(&tgid);
     return 0;
 }
 
@@ -406,6 +435,9 @@ TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
 {
     return exec_enter(args, (int)args->fd, args->filename, args->argv, (u32)args->flags);
 }
+
+TRACEPOINT_PROBE(syscalls, sys_exit_execve) { return exec_exit(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_execveat) { return exec_exit(args, args->ret); }
 
 /* ---- process lifecycle ------------------------------------------------------------ */
 

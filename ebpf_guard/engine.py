@@ -295,6 +295,10 @@ class Engine:
         if kind in _TREE_KINDS:
             self._track(event)
             return Decision(Verdict.SAFE, "", "", event)
+        if kind is Kind.EXEC and event.ret is not None and event.ret < 0:
+            # A failed attempt ran nothing: execvp() probes every PATH entry for `curl`, and
+            # only the one that succeeds is judged (an in-kernel kill has no result: judged).
+            return Decision(Verdict.SAFE, "", f"exec failed (errno {-event.ret})", event)
         tree = self._tree(event)
         c = self._context(event)
         comp = self._compiled_for(event.uid)

@@ -546,9 +546,11 @@ class Sensor:
                 if flags & F_ARGV_TRUNC:
                     ev.argv_truncated = True
                 if flags & F_KILLED:
-                    notes.append(NOTE_KILLED)
-                elif flags & F_HELD:
-                    notes.append(NOTE_HELD)
+                    notes.append(NOTE_KILLED)  # emitted at entry: no result
+                else:
+                    ev.ret = ret  # emitted at exit: 0, or -errno for a failed attempt
+                    if flags & F_HELD:
+                        notes.append(NOTE_HELD)
         elif kind is Kind.CONNECT:
             family, port, addrlen, addr = _CONN.unpack_from(r, _CONN_OFF)
             ev.family = _FAMILIES.get(family, str(family))

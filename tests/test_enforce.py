@@ -127,10 +127,13 @@ def test_recursive_rm_outside_tmp_is_stopped_early(tmp_cgroup, tmp_path, ws, out
 def test_curl_is_halted(tmp_cgroup, tmp_path, ws):
     marker = tmp_path / "after-curl"
     log = tmp_path / "v.jsonl"
-    cmd = ["sh", "-c", f"curl --version >/dev/null; touch {marker}"]
+    # Missing PATH entries first: the shell's failed exec attempts must not count.
+    cmd = ["env", "PATH=/nonexistent/a:/nonexistent/b:/usr/bin:/bin", "sh", "-c",
+           f"curl --version >/dev/null; touch {marker}"]
     with GuardRun(tmp_cgroup, log, cmd, workspace=ws) as run:
         assert_frozen_then_kill(run)
-    assert ("HALT", "exfil-tool") in verdicts_of(log)
+    # One HALT, although the shell tried every PATH entry before /usr/bin/curl.
+    assert [v for v in verdicts_of(log) if v[0] != "SAFE"] == [("HALT", "exfil-tool")]
     assert not marker.exists()
     assert "ebpf-guard resume --cgroup" in run.err
 

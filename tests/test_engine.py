@@ -619,3 +619,14 @@ def test_deterministic_replay() -> None:
     second = [(d.verdict, d.rule, d.reason) for d in map(engine().evaluate, evs)]
     assert first == second
     assert ("HALT", "escalation:privilege-tool") in [(v.value, r) for v, r, _ in first]
+
+
+def test_failed_exec_attempts_are_not_judged() -> None:
+    """execvp() probes each PATH entry: only the attempt that succeeds runs anything."""
+    eng = engine()
+    miss = exec_(["curl", "x"])
+    miss.path, miss.ret = "/root/.cargo/bin/curl", -2
+    assert eng.evaluate(miss).verdict is Verdict.SAFE
+    hit = exec_(["curl", "x"])
+    hit.ret = 0
+    assert eng.evaluate(hit).verdict is Verdict.HALT
