@@ -32,9 +32,11 @@ def main() -> int:
     for i in range(5):
         os.unlink(build / f"artefact-{i}.o")
     step(5, "reading a private SSH key")
-    (ws / "keys" / "id_rsa").read_text()
-    step(6, "done (this line should never print under the default policy)")
-    time.sleep(0.1)
+    key = (ws / "keys" / "id_rsa").read_text()
+    # The open itself is seen after the fact (KILL on open contains, it cannot undo the
+    # read), but the agent is dead long before it can do anything with the key.
+    time.sleep(0.2)
+    step(6, f"sending the key ({len(key)} bytes) out: this line never prints under the default policy")
     return 0
 
 
