@@ -84,6 +84,8 @@ def _session_options(f):
         click.option("--log", "log_path", type=click.Path(path_type=Path), default=None,
                      help="Verdict log (JSON lines). [default: /var/log/ebpf-guard/verdicts.jsonl]"),
         click.option("--log-all", is_flag=True, help="Log SAFE events too."),
+        click.option("--log-max-mb", type=float, default=None,
+                     help="Rotate the verdict log at this size (the hash chain continues across files)."),
         click.option("--incidents", "incidents_dir", type=click.Path(path_type=Path), default=None,
                      help="Directory for incident files. [default: beside the log]"),
         click.option("--record", "record_path", type=click.Path(path_type=Path), default=None,
@@ -104,6 +106,7 @@ class SessionOptions:
     mode: str | None
     log_path: Path | None
     log_all: bool
+    log_max_mb: float | None
     incidents_dir: Path | None
     record_path: Path | None
     json_out: bool
@@ -137,7 +140,8 @@ class Session:
         except ValueError as e:
             raise UserError(f"{opts.policy_path}: redact: {e}") from None
         try:
-            self.log = VerdictLog(log_path, redactor=redactor)
+            self.log = VerdictLog(log_path, redactor=redactor, max_bytes=int(opts.log_max_mb * 2**20)
+                                  if opts.log_max_mb else None)
         except AuditLogError as e:
             raise UserError(f"cannot open the verdict log: {e}") from None
         stack.callback(self.log.close)

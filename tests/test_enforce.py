@@ -228,6 +228,30 @@ def test_network_burst_is_halted(tmp_cgroup, tmp_path, ws, netns):
     assert connects and connects[0]["event"]["dest"].startswith(addr)
 
 
+def test_connect_rule_by_host_name_uses_resolved_addresses(tmp_cgroup, tmp_path, ws):
+    """`host:` rules are resolved by the loop (DNS off the engine's thread) and matched by address."""
+    policy = tmp_path / "p.yaml"
+    policy.write_text(textwrap.dedent(f"""\
+        version: 1
+        extends: {DEFAULT}
+        rules:
+          - name: no-local-db
+            connect: {{host: localhost, port: 5433}}
+            verdict: KILL
+    """))
+    code = """
+        import socket, time
+        srv = socket.create_server(("127.0.0.1", 5433))
+        socket.create_connection(("127.0.0.1", 5433)).close()
+        time.sleep(3)
+    """
+    log = tmp_path / "v.jsonl"
+    with GuardRun(tmp_cgroup, log, agent(code), policy=policy, workspace=ws) as run:
+        assert run.wait() == EXIT_KILLED, run.err
+    (rec,) = [r for r in records(log) if r["verdict"] == "KILL"]
+    assert rec["rule"] == "no-local-db" and rec["event"]["dest"] == "127.0.0.1:5433"
+
+
 # ----------------------------------------------------------------------------- FLAG
 def test_flags_are_logged_and_nothing_is_enforced(tmp_cgroup, tmp_path, ws):
     bindir = tmp_path / "bin"

@@ -185,3 +185,16 @@ def test_report_and_verify_of_a_real_run(tmp_cgroup, tmp_path, ws, outside):
     log.write_bytes(b"".join(lines))
     bad = guard("verify", str(log))
     assert bad.returncode == 1 and "seq 2" in bad.stderr
+
+
+def test_rotated_log_of_a_real_run_verifies_across_files(tmp_cgroup, tmp_path, ws):
+    log = tmp_path / "v.jsonl"
+    with GuardRun(tmp_cgroup, log, ["sh", "-c", "ls /etc >/dev/null; cat /etc/hostname >/dev/null"],
+                  mode="audit", workspace=ws, extra=("--log-all", "--log-max-mb", "0.002")) as run:
+        assert run.wait() == 0, run.err
+    rotated = sorted(tmp_path.glob("v.jsonl.*[0-9]"))
+    assert len(rotated) >= 2
+    ok = guard("verify", str(log))
+    assert ok.returncode == 0 and "chain intact" in ok.stdout
+    rotated[0].unlink()  # losing the oldest file is a deletion, and is reported
+    assert guard("verify", str(log)).returncode == 1
