@@ -77,7 +77,9 @@ def main() -> None:
 # ----------------------------------------------------------------------------- watch / run
 def _session_options(f):
     opts = [
-        click.option("--policy", "policy_path", type=click.Path(path_type=Path), default=DEFAULT_POLICY,
+        # readable=False: _load_policy reports an unreadable policy itself, after the root check.
+        click.option("--policy", "policy_path", type=click.Path(path_type=Path, readable=False),
+                     default=DEFAULT_POLICY,
                      show_default=True, help="Policy file."),
         click.option("--mode", type=click.Choice([m.value for m in Mode]), default=None,
                      help="Override the policy's mode."),

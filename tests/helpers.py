@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -16,10 +15,10 @@ GUARD = [sys.executable, "-m", "ebpf_guard.cli"]
 REPO = Path(__file__).resolve().parent.parent
 
 
-def guard(*args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
-    """Run `ebpf-guard ARGS` to completion, capturing text output."""
-    return subprocess.run([*GUARD, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=kw.pop("cwd", REPO), **kw)
+def guard(*args: str, timeout: float = 60, nobody: bool = False, **kw) -> subprocess.CompletedProcess:
+    """Run `ebpf-guard ARGS` to completion (as uid 65534 with nobody=True), capturing text output."""
+    cmd = as_nobody([*GUARD, *args]) if nobody else [*GUARD, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=kw.pop("cwd", REPO), **kw)
 
 
 def records(log: Path, type_: str = "verdict") -> list[dict]:
@@ -47,13 +46,15 @@ def cgroup_leftovers(root: Path, prefix: str) -> list[Path]:
     return [p for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix)]
 
 
-def as_nobody() -> dict:
-    """subprocess kwargs that run the child as uid/gid 65534."""
-    def drop() -> None:
-        os.setgroups([])
-        os.setgid(65534)
-        os.setuid(65534)
-    return {"preexec_fn": drop}
+NOBODY = 65534
+
+
+def as_nobody(cmd: list[str]) -> list[str]:
+    """`cmd` run as uid/gid 65534, not root in any way that matters here (no write access, no
+    BPF, SO_PEERCRED says 65534), but allowed to read and traverse (CAP_DAC_READ_SEARCH): the
+    checkout may sit under a 0700 directory (CI, mktemp -d), and the code must still load."""
+    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+            "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search", "--", *cmd]
 
 
 class GuardRun:

@@ -23,6 +23,7 @@ from ebpf_guard import approvals
 from ebpf_guard.approvals import ApprovalDesk, ApprovalError, Resolution
 from ebpf_guard.events import Event, Kind
 from ebpf_guard.verdicts import Decision, Verdict
+from tests import helpers
 
 REPO = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -88,10 +89,9 @@ class Served:
 
 
 def as_nobody(code: str) -> subprocess.CompletedProcess:
-    """Run Python `code` as uid/gid 65534 with no supplementary groups."""
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=15,
-                          cwd="/", env={**os.environ, "PYTHONPATH": str(REPO)},
-                          user=NOBODY, group=NOBODY, extra_groups=[])
+    """Run Python `code` as uid/gid 65534 with no supplementary groups (see helpers.as_nobody)."""
+    return subprocess.run(helpers.as_nobody([sys.executable, "-c", code]), capture_output=True, text=True,
+                          timeout=15, cwd="/", env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def client_code(call: str, sockdir: Path) -> str:

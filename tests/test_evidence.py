@@ -10,7 +10,7 @@ import orjson
 
 from ebpf_guard import approvals, cgroups
 from tests.conftest import requires_bpf
-from tests.helpers import REPO, GuardRun, as_nobody, guard, records, wait_for
+from tests.helpers import REPO, GuardRun, guard, records, wait_for
 from tests.test_enforce import EXIT_KILLED, agent
 
 pytestmark = requires_bpf
@@ -79,7 +79,7 @@ def test_non_root_cannot_approve(tmp_cgroup, tmp_path, ws):
     marker, log = tmp_path / "after", tmp_path / "v.jsonl"
     with GuardRun(tmp_cgroup, log, _curl_agent(marker), policy=_ask_policy(tmp_path), workspace=ws) as run:
         pending = _pending_for("exfil-tool")
-        refused = guard("approve", pending["id"], **as_nobody())
+        refused = guard("approve", pending["id"], nobody=True)
         assert refused.returncode == 1 and "root" in refused.stderr
         assert cgroups.is_frozen(run.cgroup()) and _pending_for("exfil-tool")["id"] == pending["id"]
         assert guard("deny", pending["id"]).returncode == 0
