@@ -157,10 +157,15 @@ class Session:
             stack.callback(recorder.close)
         self.recorder = recorder
         self.cgroup = cgroup
+        freeze_note = None
         try:
             freezer = cgroups.freezer_for(cgroup, pids[0] if pids else None)
         except cgroups.CgroupError as e:
-            raise UserError(str(e)) from None
+            if cgroup is not None:
+                raise UserError(str(e)) from None
+            # --pid on a pure-v2 host: nothing to freeze the tree with. Say so now, not at HALT.
+            freezer, freeze_note = None, (f"no freezer for --pid here ({e}): HALT and ASK will be "
+                                          "logged but cannot freeze; watch a cgroup to enforce them")
         self.actuator = Actuator(cgroup, freezer=freezer, mode=self.engine.mode)
         self.sensor = Sensor(cgroups=[cgroup] if cgroup else [], pids=pids)
         t0 = time.monotonic()
@@ -196,7 +201,7 @@ class Session:
         self.guard = Guard(desk=desk, engine=self.engine, actuator=self.actuator, log=self.log, printer=self.printer,
                            cgroup=cgroup, home_of=home_of, recorder=recorder, log_all=opts.log_all,
                            incidents_dir=opts.incidents_dir or log_path.parent / "incidents")
-        for note in filter(None, notes):
+        for note in filter(None, [*notes, freeze_note]):
             self.printer.message(note)
         self.printer.message(
             f"attached in {self.attach_s * 1000:.0f} ms; policy {opts.policy_path} "

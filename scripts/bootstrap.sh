@@ -96,7 +96,16 @@ setup_venv() {
   "$VENV/bin/python" -c "import bcc" || die "the venv cannot import bcc"
 }
 
-setup() { setup_packages; setup_headers; setup_tracefs; setup_venv; }
+# `sudo ebpf-guard ...` works from anywhere: a link to the venv's entry point.
+setup_command() {
+  local link=/usr/local/bin/ebpf-guard
+  if [ "$(readlink "$link" 2>/dev/null)" != "$VENV/bin/ebpf-guard" ]; then
+    ln -sfn "$VENV/bin/ebpf-guard" "$link"
+    say "command: linked $link -> $VENV/bin/ebpf-guard"
+  fi
+}
+
+setup() { setup_packages; setup_headers; setup_tracefs; setup_venv; setup_command; }
 
 case "${1:-setup}" in
   setup) setup ;;
