@@ -101,6 +101,7 @@ class Pending:
             "kind": self.decision.event.kind.value,
             "what": self.what,
             "pid": self.pid,
+            "cgroup_id": self.decision.event.cgroup_id,
             "uid": self.uid,
             "user": user_name(self.uid),
             "comm": self.comm,

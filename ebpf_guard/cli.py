@@ -442,16 +442,34 @@ def check(policies) -> None:
 
 @main.command()
 @click.option("--cgroup", "cgroup_spec", required=True, help="The halted agent's cgroup.")
-def resume(cgroup_spec) -> None:
+@click.option("--force", is_flag=True, help="Thaw even though approvals are pending in it.")
+def resume(cgroup_spec, force) -> None:
     """Thaw a halted agent's cgroup."""
     from ebpf_guard.actuator import ActuatorError
     from ebpf_guard.actuator import resume as thaw
 
     try:
         host.require_root()
+        if not force:
+            _refuse_if_asking(cgroup_spec)
         click.echo(thaw(cgroup_spec))
     except (ActuatorError, host.HostError) as e:
         raise UserError(str(e)) from None
+
+
+def _refuse_if_asking(cgroup_spec: str) -> None:
+    """HALT and ASK share the freeze: thawing would let an unanswered ASK's action go ahead."""
+    from ebpf_guard.approvals import ApprovalError, list_pending
+
+    try:
+        root = cgroups.resolve_cgroup(cgroup_spec)
+        ids = {cgroups.cgroup_id(Path(d)) for d, _, _ in os.walk(root)}
+        asking = [p["id"] for p in list_pending() if p.get("cgroup_id") in ids]
+    except (cgroups.CgroupError, ApprovalError):
+        return  # a v1 freezer path, or no running guard: nothing can be pending in it
+    if asking:
+        raise UserError(f"approvals pending in this cgroup ({', '.join(asking)}): answer them with "
+                        "`ebpf-guard approve|deny ID` first, or `resume --force` to let them run unanswered")
 
 
 @main.command(name="kill")

@@ -127,6 +127,8 @@ class Guard:
             if self.actuator.freezer.is_frozen():  # read from the kernel: an external resume counts
                 if decision.verdict is Verdict.HALT or self._asked(decision):
                     return "none (already frozen)"
+            else:
+                self._held_by_halt = False  # an operator resumed since: that hold is over
         if decision.verdict is Verdict.KILL and decision.event.proc_key in self._killed:
             return "none (already killed)"
         return None

@@ -198,3 +198,35 @@ def test_rotated_log_of_a_real_run_verifies_across_files(tmp_cgroup, tmp_path, w
     assert ok.returncode == 0 and "chain intact" in ok.stdout
     rotated[0].unlink()  # losing the oldest file is a deletion, and is reported
     assert guard("verify", str(log)).returncode == 1
+
+
+def test_halt_and_ask_together_resume_waits_for_the_answer(tmp_cgroup, tmp_path, ws, outside):
+    """A HALT and an ASK at once: resume is refused while the ASK is unanswered; approving it
+    does not thaw what the HALT holds; resuming then lets the agent run on."""
+    marker, log, tool = tmp_path / "after", tmp_path / "v.jsonl", tmp_path / "publish"
+    tool.write_text("#!/bin/sh\nexit 0\n")
+    tool.chmod(0o755)
+    policy = tmp_path / "p.yaml"
+    policy.write_text(textwrap.dedent(f"""\
+        version: 1
+        extends: {DEFAULT}
+        rules:
+          - name: ask-publish
+            exec: {{name: publish}}
+            verdict: ASK
+        """))
+    script = f"echo x > {outside}/o; {tool}; echo done > {marker}"
+    with GuardRun(tmp_cgroup, log, ["sh", "-c", script], policy=policy, workspace=ws) as run:
+        cg = run.cgroup()
+        assert cgroups.wait_frozen(cg, 20)  # HALT: write outside the workspace
+        pending = _pending_for("ask-publish")  # the shell had already exec'd publish: ASK too
+        # The freeze is shared: resuming now would let `publish` run unanswered. Refused.
+        refused = guard("resume", "--cgroup", str(cg))
+        assert refused.returncode == 1 and pending["id"] in refused.stderr
+        assert cgroups.is_frozen(cg) and not marker.exists()
+        assert guard("approve", pending["id"]).returncode == 0
+        assert cgroups.is_frozen(cg)  # approving the ASK does not undo the HALT
+        assert not marker.exists()
+        assert guard("resume", "--cgroup", str(cg)).returncode == 0  # nothing pending now
+        assert run.wait() == 120, run.err  # halted once, then ran to the end
+    assert marker.read_text() == "done\n"
