@@ -218,7 +218,7 @@ class Session:
         if self.recorder is not None:
             self.recorder.write_hosts(mapping)
 
-    def step(self, timeout_ms: int = 2) -> int:
+    def step(self, timeout_ms: int = 1) -> int:
         mapping = self.resolver.take()
         if mapping is not None:
             self._apply_hosts(mapping)
@@ -231,6 +231,7 @@ class Session:
     def finish(self) -> None:
         for event in self.sensor.close():
             self.guard.handle(event)
+        self.guard.close()
 
     def report(self, headline: str) -> None:
         s, stats = self.guard.summary, self.sensor.stats

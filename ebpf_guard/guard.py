@@ -12,6 +12,7 @@ import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +70,7 @@ class Guard:
         self.summary = Summary()
         self._held_by_halt = False  # a HALT froze the agent: answering an ASK must not thaw it
         self._killed: set[tuple[int, int]] = set()  # processes a KILL already went to
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ebpf-guard-incident")
 
     @property
     def mode(self) -> Mode:
@@ -232,17 +234,25 @@ class Guard:
         finally:
             if thaw_after:
                 self.actuator.freezer.thaw()
-        recent = [e.to_dict() for e in self.recent]
+        # Serialising, redacting and writing ~200 events takes tens of ms: off the loop's thread,
+        # which must keep reading events. The snapshot above is what had to happen while frozen.
+        self._writer.submit(self._store_incident, decision, path, list(self.recent), tree)
+
+    def _store_incident(self, decision: Decision, path: Path, recent: list[Event], tree: list[dict]) -> None:
         record = {"verdict": decision.verdict.value, "rule": decision.rule, "reason": decision.reason,
                   "mode": self.mode.value, "event": decision.event.to_dict()}
         try:
-            self.incidents_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             written = incident.write_incident(path.parent, record=self.log.redact(record),
-                                              recent_events=self.log.redact(recent),
+                                              recent_events=self.log.redact([e.to_dict() for e in recent]),
                                               tree=self.log.redact(tree), name=path.name)
             self.summary.incidents.append(str(written))
         except OSError as e:
             self.printer.message(f"could not write incident {path}: {e}")
+
+    def close(self) -> None:
+        """Wait for incident files still being written."""
+        self._writer.shutdown(wait=True)
 
     def _tree_pids(self, event: Event) -> list[int]:
         if self.cgroup is not None:
