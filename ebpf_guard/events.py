@@ -8,7 +8,7 @@ plain fields, JSON round-trippable, so recorded streams replay through the engin
 from __future__ import annotations
 
 import ctypes as _ct
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 
 
@@ -64,7 +64,9 @@ class Event:
         return (self.tgid, self.start_ns)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        # Field by field, not dataclasses.asdict (a deep copy): this runs for every recorded
+        # event and for every event in an incident file.
+        d = {name: getattr(self, name) for name in _FIELDS}
         d["kind"] = self.kind.value
         d["access"] = sorted(self.access)
         d["argv"] = list(self.argv)
@@ -79,6 +81,9 @@ class Event:
         d["argv"] = tuple(d.get("argv", ()))
         d["notes"] = tuple(d.get("notes", ()))
         return cls(**d)
+
+
+_FIELDS = tuple(f.name for f in fields(Event))
 
 
 # --- Kernel event layout: the ctypes mirror of bpf/events.h --------------------------------
