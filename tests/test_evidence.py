@@ -3,6 +3,11 @@ replay of a recording, and the report of a real run."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import select
+import subprocess
+import termios
 import textwrap
 from pathlib import Path
 
@@ -10,7 +15,7 @@ import orjson
 
 from ebpf_guard import approvals, cgroups
 from tests.conftest import requires_bpf
-from tests.helpers import REPO, GuardRun, guard, records, wait_for
+from tests.helpers import GUARD, REPO, GuardRun, guard, records, wait_for
 from tests.test_enforce import EXIT_KILLED, agent
 
 pytestmark = requires_bpf
@@ -230,3 +235,33 @@ def test_halt_and_ask_together_resume_waits_for_the_answer(tmp_cgroup, tmp_path,
         assert guard("resume", "--cgroup", str(cg)).returncode == 0  # nothing pending now
         assert run.wait() == 120, run.err  # halted once, then ran to the end
     assert marker.read_text() == "done\n"
+
+
+def test_run_on_a_terminal_asks_inline(tmp_cgroup, tmp_path, ws):
+    """`run` on a terminal prompts for an ASK itself: the key 'y' allows it once."""
+    marker, log = tmp_path / "after", tmp_path / "v.jsonl"
+    master, slave = os.openpty()
+
+    def controlling_tty() -> None:  # the guard leads a session whose terminal is the pty
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    args = [*GUARD, "run", "--cgroup-parent", str(tmp_cgroup), "--log", str(log), "--quiet",
+            "--policy", str(_ask_policy(tmp_path)), "--workspace", str(ws), "--", *_curl_agent(marker)]
+    p = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, cwd=REPO, preexec_fn=controlling_tty)
+    os.close(slave)
+    screen = b""
+    try:
+        while b"ASK [" not in screen or b"y" not in screen.split(b"ASK [")[-1]:
+            assert select.select([master], [], [], 30)[0], f"no prompt: {screen[-2000:]!r}"
+            screen += os.read(master, 65536)
+        os.write(master, b"y")
+        assert p.wait(timeout=30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(master)
+    assert marker.read_text() == "curl=0\n"
+    (rec,) = records(log, "approval")
+    assert rec["via"] == "tty" and rec["decision"] == "allow"
