@@ -123,3 +123,10 @@ def grows(path: Path, window: float = 0.15) -> bool:
     """Does the file get bigger within `window` seconds? (is the writer still running?)"""
     before = path.stat().st_size
     return eventually(lambda: path.stat().st_size > before, window)
+
+
+def policy_extending(directory: Path, body: str) -> Path:
+    """A policy file that extends the bundled default with `body` (YAML: rules, lists, mode...)."""
+    path = directory / "policy.yaml"
+    path.write_text(f"version: 1\nextends: {REPO / 'policies' / 'default.yaml'}\n{body}")
+    return path

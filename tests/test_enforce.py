@@ -20,7 +20,7 @@ import pytest
 
 from ebpf_guard import cgroups
 from tests.conftest import requires_bpf
-from tests.helpers import REPO, GuardRun, guard, records, wait_for
+from tests.helpers import REPO, GuardRun, guard, policy_extending, records, wait_for
 
 pytestmark = requires_bpf
 PY = sys.executable
@@ -100,10 +100,9 @@ def test_agent_config_write_is_killed(tmp_cgroup, tmp_path, ws, agent_user):
 
 
 def test_deny_write_path_is_killed(tmp_cgroup, tmp_path, ws):
-    policy = tmp_path / "p.yaml"
     target = tmp_path / "forbidden" / "file"
     target.parent.mkdir()
-    policy.write_text(f"version: 1\nextends: {DEFAULT}\ndeny_write: [{target.parent}/**]\n")
+    policy = policy_extending(tmp_path, f"deny_write: [{target.parent}/**]\n")
     assert guard("check", str(policy)).returncode == 0
     log = tmp_path / "v.jsonl"
     code = f"open({str(target)!r}, 'w').write('x'); import time; time.sleep(3)"
@@ -233,13 +232,10 @@ def test_network_burst_is_halted(tmp_cgroup, tmp_path, ws, netns):
 
 def test_connect_rule_by_host_name_uses_resolved_addresses(tmp_cgroup, tmp_path, ws):
     """`host:` rules are resolved by the loop (DNS off the engine's thread) and matched by address."""
-    policy = tmp_path / "p.yaml"
-    policy.write_text(textwrap.dedent(f"""\
-        version: 1
-        extends: {DEFAULT}
+    policy = policy_extending(tmp_path, textwrap.dedent("""\
         rules:
           - name: no-local-db
-            connect: {{host: localhost, port: 5433}}
+            connect: {host: localhost, port: 5433}
             verdict: KILL
     """))
     code = """
@@ -278,13 +274,10 @@ def test_in_kernel_exec_kill_runs_no_instruction(tmp_cgroup, tmp_path, ws):
     # A static-free check: the script's very first action is to leave a marker.
     tool.write_text(f"#!/bin/sh\ntouch {marker}\n")
     tool.chmod(0o755)
-    policy = tmp_path / "p.yaml"
-    policy.write_text(textwrap.dedent(f"""\
-        version: 1
-        extends: {DEFAULT}
+    policy = policy_extending(tmp_path, textwrap.dedent("""\
         rules:
           - name: forbidden-tool
-            exec: {{name: forbidden-tool}}
+            exec: {name: forbidden-tool}
             verdict: KILL
     """))
     log = tmp_path / "v.jsonl"

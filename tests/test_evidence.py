@@ -15,7 +15,7 @@ import orjson
 
 from ebpf_guard import approvals, cgroups
 from tests.conftest import requires_bpf
-from tests.helpers import GUARD, REPO, GuardRun, guard, records, wait_for
+from tests.helpers import GUARD, REPO, GuardRun, guard, policy_extending, records, wait_for
 from tests.test_enforce import EXIT_KILLED, agent
 
 pytestmark = requires_bpf
@@ -32,9 +32,7 @@ def _pending_for(rule: str, timeout: float = 30) -> dict:
 
 
 def _ask_policy(tmp_path: Path, *, timeout: str = "120s", default: str = "deny") -> Path:
-    p = tmp_path / "ask.yaml"
-    p.write_text(f"version: 1\nextends: {DEFAULT}\nmode: confirm\nask: {{timeout: {timeout}, default: {default}}}\n")
-    return p
+    return policy_extending(tmp_path, f"mode: confirm\nask: {{timeout: {timeout}, default: {default}}}\n")
 
 
 def _curl_agent(marker: Path) -> list[str]:
@@ -211,13 +209,10 @@ def test_halt_and_ask_together_resume_waits_for_the_answer(tmp_cgroup, tmp_path,
     marker, log, tool = tmp_path / "after", tmp_path / "v.jsonl", tmp_path / "publish"
     tool.write_text("#!/bin/sh\nexit 0\n")
     tool.chmod(0o755)
-    policy = tmp_path / "p.yaml"
-    policy.write_text(textwrap.dedent(f"""\
-        version: 1
-        extends: {DEFAULT}
+    policy = policy_extending(tmp_path, textwrap.dedent("""\
         rules:
           - name: ask-publish
-            exec: {{name: publish}}
+            exec: {name: publish}
             verdict: ASK
         """))
     script = f"echo x > {outside}/o; {tool}; echo done > {marker}"
