@@ -1,0 +1,249 @@
+"""A watch/run session: everything `ebpf-guard watch` and `run` share, built once.
+
+Policy (already loaded) → engine; verdict log with redaction; printer; recorder; actuator and
+freezer; sensor attached and fed the kernel's exec rules; DNS for host rules; approvals desk;
+the guard loop. `step()` is one turn of the loop; `finish()` drains; `report()` summarises.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pwd
+import subprocess
+import sys
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from ebpf_guard import cgroups, host
+from ebpf_guard.policy import Policy
+from ebpf_guard.verdicts import Mode, Verdict
+
+
+class SessionError(Exception):
+    """A session could not be set up; one line for the user."""
+
+
+@lru_cache(maxsize=256)
+def home_of(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_dir
+    except KeyError:
+        return None
+
+
+@dataclass
+class SessionOptions:
+    policy_path: Path
+    mode: str | None
+    log_path: Path | None
+    log_all: bool
+    log_max_mb: float | None
+    incidents_dir: Path | None
+    record_path: Path | None
+    json_out: bool
+    output_path: Path | None
+    quiet: bool
+    workspace: str
+
+
+class Session:
+    """Everything `watch` and `run` share: policy, engine, sensor, log, actuator, guard."""
+
+    def __init__(self, opts: SessionOptions, stack: ExitStack, *, cgroup: Path | None,
+                 policy: Policy, pids: tuple[int, ...] = (), prompt_tty: bool = False) -> None:
+        from ebpf_guard.actuator import Actuator
+        from ebpf_guard.approvals import ApprovalDesk, ApprovalError
+        from ebpf_guard.auditlog import DEFAULT_LOG, AuditLogError, VerdictLog
+        from ebpf_guard.engine import Engine
+        from ebpf_guard.guard import Guard
+        from ebpf_guard.hosts import HostResolver
+        from ebpf_guard.output import Printer
+        from ebpf_guard.recording import Recorder
+        from ebpf_guard.redact import Redactor
+        from ebpf_guard.sensor import Sensor, SensorError
+
+        self.engine = Engine(policy, workspace=opts.workspace, home_of=home_of,
+                             mode=Mode(opts.mode) if opts.mode else None)
+        log_path = opts.log_path or Path(DEFAULT_LOG)
+        try:
+            redactor = Redactor(policy.redact)
+        except ValueError as e:
+            raise SessionError(f"{opts.policy_path}: redact: {e}") from None
+        try:
+            self.log = VerdictLog(log_path, redactor=redactor, max_bytes=int(opts.log_max_mb * 2**20)
+                                  if opts.log_max_mb else None)
+        except AuditLogError as e:
+            raise SessionError(f"cannot open the verdict log: {e}") from None
+        stack.callback(self.log.close)
+        out_file = stack.enter_context(open(opts.output_path, "wb")) if opts.output_path else None
+        self.printer = Printer(redactor=redactor, json=opts.json_out, file=out_file,
+                               quiet=opts.quiet)
+        recorder = None
+        if opts.record_path:
+            recorder = Recorder(opts.record_path, policy=opts.policy_path, workspace=opts.workspace,
+                                mode=self.engine.mode.value, redactor=redactor)
+            stack.callback(recorder.close)
+        self.recorder = recorder
+        self.cgroup = cgroup
+        freeze_note = None
+        try:
+            freezer = cgroups.freezer_for(cgroup, pids[0] if pids else None)
+        except cgroups.CgroupError as e:
+            if cgroup is not None:
+                raise SessionError(str(e)) from None
+            # --pid on a pure-v2 host: nothing to freeze the tree with. Say so now, not at HALT.
+            freezer, freeze_note = None, (f"no freezer for --pid here ({e}): HALT and ASK will be "
+                                          "logged but cannot freeze; watch a cgroup to enforce them")
+        self.actuator = Actuator(cgroup, freezer=freezer, mode=self.engine.mode)
+        self.sensor = Sensor(cgroups=[cgroup] if cgroup else [], pids=pids)
+        t0 = time.monotonic()
+        try:
+            # Say what was done to the host, never silently: tracefs mounted, headers fallback.
+            notes = [host.ensure_tracefs()]
+            headers = host.headers_status()
+            if headers.state != "matching":
+                notes.append(f"kernel headers: {headers.state}: {headers.detail}")
+            self.sensor.start()
+            names, paths = self.engine.kernel_exec_kills()
+            for entry in self.sensor.set_exec_rules(kill_names=names, kill_paths=paths,
+                                                    hold_names=self.engine.kernel_exec_gates()):
+                notes.append(f"exec rule {entry!r} cannot be matched in the kernel; "
+                             "it is decided after the exec starts")
+        except (SensorError, host.HostError) as e:
+            raise SessionError(str(e)) from None
+        self.attach_s = time.monotonic() - t0
+        self.resolver = HostResolver(self.engine.hostnames())
+        if self.resolver.names:
+            # Resolve once before the agent starts so connect rules hold from the first event.
+            self._apply_hosts(self.resolver.resolve_once())
+            self.resolver.start()
+            stack.callback(self.resolver.stop)
+        try:
+            # The channel for ASK answers from `ebpf-guard approve|deny` (root-only unix socket);
+            # `run` on a terminal also takes y/n/a/b keys inline.
+            desk = ApprovalDesk(session=f"{'run' if prompt_tty else 'watch'}-{os.getpid()}",
+                                tty=sys.stdin if prompt_tty and sys.stdin.isatty() else None)
+        except ApprovalError as e:
+            raise SessionError(f"cannot open the approvals socket: {e}") from None
+        stack.callback(desk.close)
+        self.guard = Guard(desk=desk, engine=self.engine, actuator=self.actuator, log=self.log, printer=self.printer,
+                           cgroup=cgroup, home_of=home_of, recorder=recorder, log_all=opts.log_all,
+                           incidents_dir=opts.incidents_dir or log_path.parent / "incidents")
+        for note in filter(None, [*notes, freeze_note]):
+            self.printer.message(note)
+        self.printer.message(
+            f"attached in {self.attach_s * 1000:.0f} ms; policy {opts.policy_path} "
+            f"({self.engine.mode.value} mode); verdict log {log_path}"
+        )
+        self.log_path = log_path
+        self.guard.note({"type": "session", "event": "start", "policy": str(opts.policy_path),
+                         "mode": self.engine.mode.value, "workspace": opts.workspace,
+                         "cgroup": str(cgroup) if cgroup else None, "pids": list(pids),
+                         "attach_ms": round(self.attach_s * 1000, 1)})
+
+    def _apply_hosts(self, mapping: dict[str, list[str]]) -> None:
+        self.engine.set_host_addresses(mapping)
+        if self.recorder is not None:
+            self.recorder.write_hosts(mapping)
+
+    def step(self, timeout_ms: int = 1) -> int:
+        mapping = self.resolver.take()
+        if mapping is not None:
+            self._apply_hosts(mapping)
+        events = self.sensor.poll(timeout_ms)
+        for event in events:
+            self.guard.handle(event)
+        self.guard.tick()
+        return len(events)
+
+    def finish(self) -> None:
+        for event in self.sensor.close():
+            self.guard.handle(event)
+        self.guard.close()
+
+    def report(self, headline: str) -> None:
+        s, stats = self.guard.summary, self.sensor.stats
+        counts = ", ".join(f"{s.counts.get(v, 0)} {v.value}" for v in Verdict)
+        done = "; ".join(s.actions) if s.actions else "nothing was done"
+        lost = (f"{stats.lost} events LOST (urgent {stats.lost_urgent}, bulk {stats.lost_bulk})"
+                if stats.lost else "no events lost")
+        text = (f"{headline} {s.events} events: {counts}. Actions: {done}. {lost}. "
+                f"Verdict log: {self.log_path}.")
+        if s.incidents:
+            text += f" Incidents: {', '.join(s.incidents)}."
+        self.guard.note({"type": "session", "event": "end", "summary": headline,
+                         "counts": {v.value: s.counts.get(v, 0) for v in Verdict},
+                         "events": s.events, "lost": stats.lost, "actions": s.actions})
+        self.printer.message(text)
+
+
+def set_child_subreaper() -> None:
+    # Orphaned grandchildren are re-parented to us, not to init, so `run` can reap them and
+    # the cgroup empties (and we exit) when the whole tree is gone.
+    PR_SET_CHILD_SUBREAPER = 36
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def reap(child: subprocess.Popen) -> None:
+    """Reap every exited child; keeps `child.returncode` for the command itself."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        if pid == child.pid:
+            child.returncode = os.waitstatus_to_exitcode(status)
+
+
+def spawn_when_watched(command: list[str], cgroup: Path, session: Session) -> subprocess.Popen:
+    """Start COMMAND inside `cgroup`, and let it exec only once the policy loop is polling.
+
+    The child joins the cgroup between fork and exec, so it never runs unwatched; it then
+    waits for one byte on a pipe, which is written after the loop's first poll, so that the
+    first instructions of the command already meet a guard that is listening (a `rm -rf` that
+    starts deleting 1 ms after exec must not outrun the loop's start-up). Popen blocks until
+    the exec, hence the thread.
+    """
+    go_read, go_write = os.pipe()
+    procs_file = str(cgroup / "cgroup.procs")
+    freezer = session.actuator.freezer
+
+    def join_cgroup_and_wait() -> None:
+        with open(procs_file, "w") as f:
+            f.write(str(os.getpid()))
+        if freezer.path != cgroup:  # a v1 freezer (hosts where v2 cannot freeze) joins too
+            freezer.adopt(os.getpid())
+        os.close(go_write)
+        if os.read(go_read, 1) != b"g":
+            os._exit(126)  # the guard went away before watching: never run unwatched
+
+    result: dict = {}
+
+    def spawn() -> None:
+        try:
+            result["child"] = subprocess.Popen(command, preexec_fn=join_cgroup_and_wait)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            result["error"] = e
+
+    thread = threading.Thread(target=spawn, name="ebpf-guard-spawn")
+    thread.start()
+    try:
+        session.step(0)
+        os.write(go_write, b"g")
+        while thread.is_alive():
+            session.step(1)
+            thread.join(0)
+    finally:
+        os.close(go_write)
+        os.close(go_read)
+        thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["child"]
