@@ -431,6 +431,19 @@ class V1Freezer(Freezer):
         _sigkill_all(self.pids())
         self.thaw()
 
+    def release(self, timeout: float = 5.0) -> None:
+        """Thaw, hand the processes back to the freezer root, and remove this cgroup: what
+        `watch` does on exit, leaving the watched processes as it found them."""
+        self.thaw()
+        for pid in self.pids():
+            try:
+                move_pid(self.path.parent, pid)
+            except CgroupError:
+                pass  # exited meanwhile
+        deadline = time.monotonic() + timeout
+        while not _rmdir_tree(self.path, deadline):
+            pass
+
     def remove(self, timeout: float = 5.0) -> None:
         """Kill what is left and remove the freezer cgroup (and any children)."""
         if not self.path.exists():

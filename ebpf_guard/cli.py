@@ -94,6 +94,10 @@ def _start_session(opts: SessionOptions, stack: ExitStack, **kw) -> Session:
         return Session(opts, stack, policy=policy, **kw)
     except SessionError as e:
         raise UserError(str(e)) from None
+    except KeyboardInterrupt:
+        stack.close()  # undo what setup did (cgroup, freezer, socket) before saying so
+        click.echo("ebpf-guard: interrupted during setup", err=True)
+        sys.exit(130)
 
 
 def _signals_raise() -> None:

@@ -99,6 +99,10 @@ class Session:
             # --pid on a pure-v2 host: nothing to freeze the tree with. Say so now, not at HALT.
             freezer, freeze_note = None, (f"no freezer for --pid here ({e}): HALT and ASK will be "
                                           "logged but cannot freeze; watch a cgroup to enforce them")
+        if isinstance(freezer, cgroups.V1Freezer):
+            # Ours to clean up: `run` owns its processes (remove kills what is left); `watch`
+            # gives the watched ones back untouched.
+            stack.callback(freezer.remove if prompt_tty else freezer.release)
         self.actuator = Actuator(cgroup, freezer=freezer, mode=self.engine.mode)
         self.sensor = Sensor(cgroups=[cgroup] if cgroup else [], pids=pids)
         t0 = time.monotonic()
@@ -136,15 +140,16 @@ class Session:
                            incidents_dir=opts.incidents_dir or log_path.parent / "incidents")
         for note in filter(None, [*notes, freeze_note]):
             self.printer.message(note)
-        self.printer.message(
-            f"attached in {self.attach_s * 1000:.0f} ms; policy {opts.policy_path} "
-            f"({self.engine.mode.value} mode); verdict log {log_path}"
-        )
         self.log_path = log_path
         self.guard.note({"type": "session", "event": "start", "policy": str(opts.policy_path),
                          "mode": self.engine.mode.value, "workspace": opts.workspace,
                          "cgroup": str(cgroup) if cgroup else None, "pids": list(pids),
                          "attach_ms": round(self.attach_s * 1000, 1)})
+        # Last: "attached" means the loop can start now.
+        self.printer.message(
+            f"attached in {self.attach_s * 1000:.0f} ms; policy {opts.policy_path} "
+            f"({self.engine.mode.value} mode); verdict log {log_path}"
+        )
 
     def _apply_hosts(self, mapping: dict[str, list[str]]) -> None:
         self.engine.set_host_addresses(mapping)

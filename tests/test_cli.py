@@ -120,9 +120,15 @@ def test_watch_cgroup_until_empty(tmp_cgroup: Path, tmp_path: Path):
         worker.wait()
 
 
+def _freezer_dirs() -> set[Path]:
+    root = cgroups.find_v1_mount("freezer")
+    return set(root.glob("ebpf-guard-*")) if root else set()
+
+
 @requires_bpf
 def test_watch_pid_follows_descendants_until_gone(tmp_path: Path):
     go = tmp_path / "go"
+    before = _freezer_dirs()
     worker = subprocess.Popen(_after(go, "sh -c 'cat /etc/hostname >/dev/null'"))
     try:
         rc, events, err = _watch(["--pid", str(worker.pid)], tmp_path, go)
@@ -130,6 +136,7 @@ def test_watch_pid_follows_descendants_until_gone(tmp_path: Path):
         opens = [e for e in events if e["kind"] == "open" and e["path"] == "/etc/hostname"]
         assert opens and opens[0]["tgid"] != worker.pid  # a descendant's open was followed
         assert "are gone" in err
+        assert _freezer_dirs() == before  # the freezer it set up for --pid is gone too
     finally:
         worker.kill()
         worker.wait()
@@ -195,3 +202,26 @@ def test_bcc_missing_names_the_install_command():
     assert r.returncode == 1
     (line,) = r.stderr.strip().splitlines()
     assert "bcc is not importable" in line and "apt-get install python3-bpfcc" in line
+
+
+@requires_bpf
+def test_watch_interrupted_leaves_the_watched_process_as_it_was(tmp_path: Path):
+    before = _freezer_dirs()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    p = subprocess.Popen([*GUARD, "watch", "--pid", str(sleeper.pid), *AUDIT, "--log", str(tmp_path / "v.jsonl")],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in p.stderr:
+            if "attached in" in line:
+                break
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=30) == 0, p.stderr.read()
+        assert sleeper.poll() is None, "watch killed the process it watched"
+        freezer_line = [x for x in Path(f"/proc/{sleeper.pid}/cgroup").read_text().splitlines() if ":freezer:" in x]
+        assert freezer_line in ([], [f"{freezer_line[0].split(':')[0]}:freezer:/"])
+        assert _freezer_dirs() == before
+    finally:
+        for proc in (p, sleeper):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
