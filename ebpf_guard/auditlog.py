@@ -111,6 +111,8 @@ def event_record(ev: Event) -> dict:
         d["raw_path"] = ev.raw_path
     if kind is Kind.EXEC:
         d["argv"] = list(ev.argv)
+        if ev.cwd:
+            d["cwd"] = ev.cwd  # what relative operands meant
         if ev.argv_truncated:
             d["argv_truncated"] = True
     elif kind is Kind.OPEN:

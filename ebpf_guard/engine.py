@@ -279,7 +279,6 @@ class Engine:
         self._by_name = {r.name: r for r in policy.rules}
         self._ip_hosts: dict[Any, frozenset[str]] = {}
         self._tree_of: dict[int, TreeKey] = {}
-        self._cwd: dict[int, str] = {}
         self._rate_hits: dict[tuple[int, TreeKey], deque[int]] = {}
         self._flags: dict[TreeKey, deque[int]] = {}
         self._memory: dict[tuple[str, str], bool] = {}
@@ -407,19 +406,15 @@ class Engine:
             parent = self._tree(ev)
             if ev.child_pid and ev.child_pid != ev.tgid:
                 self._tree_of[ev.child_pid] = parent
-                if ev.tgid in self._cwd:
-                    self._cwd[ev.child_pid] = self._cwd[ev.tgid]
         elif ev.kind is Kind.EXIT:
             if ev.pid == ev.tgid:  # thread exits don't end the process
                 self._tree_of.pop(ev.tgid, None)
-                self._cwd.pop(ev.tgid, None)
         elif ev.kind is Kind.CHDIR:
             self._tree(ev)
-            if ev.path and (ev.ret is None or ev.ret >= 0):
-                self._cwd[ev.tgid] = normalize_path(ev.path)
 
     def _context(self, ev: Event) -> _Ctx:
-        cwd = self._cwd.get(ev.tgid)
+        # Paths and cwd come resolved from the sensor's process model: the engine keeps none.
+        cwd = ev.cwd or None
         if ev.kind is Kind.CONNECT:
             if ev.family == "unix":
                 path = ev.addr if ev.addr.startswith("/") else None
@@ -429,14 +424,8 @@ class Engine:
         path = None
         if ev.path:
             path = normalize_path(ev.path)
-            raw = ev.raw_path
-            # A relative path the sensor resolved tells us the cwd (used for rm operands).
-            if raw and not raw.startswith("/") and ".." not in raw and cwd is None:
-                tail = "/" + normalize_path(raw).lstrip("/")
-                if path.endswith(tail) and len(path) > len(tail):
-                    self._cwd[ev.tgid] = cwd = path[: -len(tail)]
-        elif ev.raw_path.startswith("/") or (ev.raw_path and cwd):
-            path = normalize_path(ev.raw_path, cwd or "/")
+        elif ev.raw_path.startswith("/"):
+            path = normalize_path(ev.raw_path)
         return _Ctx(ev, path, cwd)
 
     # ------------------------------------------------------------ rules

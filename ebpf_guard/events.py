@@ -57,6 +57,9 @@ class Event:
     child_pid: int = 0  # tgid of the new process
     # free-form annotations added by the sensor (e.g. "path_unresolved")
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # exec: the process's working directory, from the sensor's process model ("" if unknown);
+    # what relative argv operands (`rm -r build`) mean.
+    cwd: str = ""
 
     @property
     def proc_key(self) -> tuple[int, int]:

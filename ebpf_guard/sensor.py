@@ -542,6 +542,7 @@ class Sensor:
                 if ret == 0:
                     st.cwd = path
             else:
+                ev.cwd = st.cwd or ""
                 self._decode_argv(ev, r)
                 if flags & F_ARGV_TRUNC:
                     ev.argv_truncated = True

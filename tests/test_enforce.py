@@ -125,6 +125,22 @@ def test_recursive_rm_outside_tmp_is_stopped_early(tmp_cgroup, tmp_path, ws, out
     assert survivors >= 990, f"only {survivors} of 1000 files survived"
 
 
+def test_relative_recursive_rm_is_judged_where_it_runs(tmp_cgroup, tmp_path, ws, outside):
+    """`cd DIR && rm -r build`: fine under /tmp, a KILL outside it (cwd from the sensor's model)."""
+    for parent in (tmp_path, outside):
+        (parent / "build").mkdir()
+        (parent / "build" / "f").write_text("x")
+    log = tmp_path / "v.jsonl"
+    cmd = ["sh", "-c", f"cd {tmp_path} && rm -r build; cd {outside} && rm -r build; sleep 3"]
+    with GuardRun(tmp_cgroup, log, cmd, workspace=ws) as run:
+        assert run.wait() == EXIT_KILLED, run.err
+    assert not (tmp_path / "build").exists()
+    assert (outside / "build" / "f").exists()  # held at exec, killed before it ran
+    (rec,) = [r for r in records(log) if r["verdict"] == "KILL"]
+    assert rec["rule"] == "recursive-rm" and rec["event"]["argv"] == ["rm", "-r", "build"]
+    assert rec["event"]["cwd"] == str(outside)
+
+
 # ----------------------------------------------------------------------------- HALT
 def test_curl_is_halted(tmp_cgroup, tmp_path, ws):
     marker = tmp_path / "after-curl"

@@ -136,20 +136,12 @@ def test_reason_is_templated() -> None:
     assert d.value == f"{HOME}/.ssh/id_rsa"
 
 
-def test_rm_relative_target_uses_tracked_cwd() -> None:
+def test_rm_relative_target_uses_the_events_cwd() -> None:
+    """Relative operands are resolved against the cwd the sensor puts on the exec event."""
     eng = engine()
-    eng.evaluate(ev("chdir", path="/tmp/work", raw_path="/tmp/work"))
-    assert eng.evaluate(exec_(["rm", "-rf", "build"])).verdict is Verdict.SAFE
-    assert eng.evaluate(exec_(["rm", "-rf", "../../etc"])).rule == "recursive-rm"
-    # A forked child inherits the cwd.
-    eng.evaluate(fork(100, 101))
-    assert eng.evaluate(exec_(["rm", "-rf", "build"], pid=101, ppid=100)).verdict is Verdict.SAFE
-
-
-def test_cwd_learnt_from_relative_open() -> None:
-    eng = engine()
-    eng.evaluate(open_("/tmp/w/setup.py", raw_path="setup.py"))
-    assert eng.evaluate(exec_(["rm", "-r", "dist"])).verdict is Verdict.SAFE
+    assert eng.evaluate(exec_(["rm", "-rf", "build"], cwd="/tmp/work")).verdict is Verdict.SAFE
+    assert eng.evaluate(exec_(["rm", "-rf", "../../etc"], cwd="/tmp/work")).rule == "recursive-rm"
+    assert eng.evaluate(exec_(["rm", "-rf", "build"], cwd=WS)).rule == "recursive-rm"
 
 
 def test_mass_delete_rate_uses_event_time() -> None:

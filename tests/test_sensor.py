@@ -131,6 +131,15 @@ def test_exec_event_fields(sensor: Sensor, cg: Path) -> None:
     assert {(e.tgid, e.start_ns) for e in evs if e.tgid == pid} == {(pid, ex.start_ns)}
 
 
+def test_exec_carries_the_cwd_of_a_short_lived_shell(sensor: Sensor, cg: Path, tmp_path: Path) -> None:
+    """`cd DIR && cmd`: the exec event says where cmd runs (what `rm -r build` means)."""
+    (tmp_path / "sub").mkdir()
+    sh = run(cg, ["/bin/sh", "-c", f"cd {tmp_path}/sub && /bin/true relative-operand"])
+    evs = collect(sensor, exited(sh))
+    (ex,) = [e for e in of(evs, Kind.EXEC) if e.argv[:2] == ("/bin/true", "relative-operand")]
+    assert ex.cwd == f"{tmp_path}/sub"
+
+
 def test_exec_argv_truncation(sensor: Sensor, cg: Path) -> None:
     many = run(cg, ["/bin/true", *map(str, range(20))])
     long = run(cg, ["/bin/true", "x" * 300])
