@@ -6,7 +6,7 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -78,3 +78,28 @@ def agent_user() -> Iterator[tuple[str, Path]]:
     finally:
         subprocess.run(["userdel", "--remove", name], capture_output=True)
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., subprocess.Popen]]:
+    """spawn(cgroup or None, argv or shell script, **popen_kw): a process that joins the cgroup
+    before it execs; killed and reaped afterwards."""
+    started: list[subprocess.Popen] = []
+
+    def _spawn(cg: Path | None, argv: list[str] | str, **kw) -> subprocess.Popen:
+        procs = str(cg / "cgroup.procs") if cg is not None else None
+
+        def join() -> None:
+            if procs:
+                with open(procs, "w") as f:
+                    f.write(str(os.getpid()))
+
+        cmd = ["sh", "-c", argv] if isinstance(argv, str) else argv
+        p = subprocess.Popen(cmd, preexec_fn=join, **kw)
+        started.append(p)
+        return p
+
+    yield _spawn
+    for p in started:
+        p.kill()
+        p.wait(5)

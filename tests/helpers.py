@@ -11,6 +11,7 @@ import orjson
 
 from ebpf_guard import cgroups
 
+WRITER = "while :; do echo x >> {f}; done"  # a shell loop that shows whether it still runs
 GUARD = [sys.executable, "-m", "ebpf_guard.cli"]
 REPO = Path(__file__).resolve().parent.parent
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,36 +12,9 @@ from ebpf_guard import cgroups
 from ebpf_guard.actuator import Actuator, ActuatorError, kill_all, process_start_ns, resume
 from ebpf_guard.events import Event, Kind
 from ebpf_guard.verdicts import Decision, Mode, Scope, Verdict
-from tests.helpers import grows
+from tests.helpers import WRITER, grows
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-
-WRITER = "while :; do echo x >> {f}; done"
-
-
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., subprocess.Popen]]:
-    """spawn(cgroup or None, argv): a process that joins the cgroup before exec."""
-    started: list[subprocess.Popen] = []
-
-    def _spawn(cg: Path | None, argv: list[str]) -> subprocess.Popen:
-        procs = str(cg / "cgroup.procs") if cg is not None else None
-
-        def join() -> None:
-            if procs:
-                with open(procs, "w") as f:
-                    f.write(str(os.getpid()))
-
-        p = subprocess.Popen(argv, preexec_fn=join)
-        started.append(p)
-        return p
-
-    yield _spawn
-    for p in started:
-        p.kill()
-        p.wait(5)
 
 
 def decision(

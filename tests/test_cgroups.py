@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from ebpf_guard import cgroups
 from ebpf_guard.cgroups import CgroupError
-from tests.helpers import eventually, grows
+from tests.helpers import WRITER, eventually, grows
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-
-
 
 
 def alive(pid: int) -> bool:
@@ -25,32 +22,6 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat[stat.rindex(")") + 2] not in "ZX"
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., subprocess.Popen]]:
-    """spawn(cgroup_procs_dir, shell_script): a `sh -c` that joins the cgroup before exec."""
-    started: list[subprocess.Popen] = []
-
-    def _spawn(cg: Path | None, script: str, **kw) -> subprocess.Popen:
-        procs = str(cg / "cgroup.procs") if cg is not None else None
-
-        def join() -> None:
-            if procs:
-                with open(procs, "w") as f:
-                    f.write(str(os.getpid()))
-
-        p = subprocess.Popen(["sh", "-c", script], preexec_fn=join, **kw)
-        started.append(p)
-        return p
-
-    yield _spawn
-    for p in started:
-        p.kill()
-        p.wait(5)
-
-
-WRITER = "while :; do echo x >> {f}; done"
 
 
 # --- resolving -----------------------------------------------------------------------------
