@@ -108,6 +108,24 @@ static __always_inline void fill_hdr(struct ev_hdr *h, u32 kind, u64 id, u32 sco
     bpf_get_current_comm(h->comm, sizeof(h->comm));
 }
 
+/* The scope check every program starts with: 0 when the process is not watched (the
+ * out-of-scope majority stops here), else its scope flag. */
+static __always_inline u32 watched(u32 tgid)
+{
+    struct scope_cfg *cfg = get_cfg();
+    return cfg ? in_scope(tgid, cfg) : 0;
+}
+
+/* The per-CPU scratch buffer (events outgrow the 512-byte stack), header filled in. */
+static __always_inline void *new_event(u32 kind, u64 id, u32 sc)
+{
+    u32 zero = 0;
+    struct ev_hdr *h = (struct ev_hdr *)scratch.lookup(&zero);
+    if (h)
+        fill_hdr(h, kind, id, sc);
+    return h;
+}
+
 /* Read a user string into an event path; sets path_len and the truncation flag. */
 static __always_inline void read_path(struct ev_hdr *h, char *dst, const char *src)
 {
@@ -137,18 +155,13 @@ static __always_inline u32 path_event_size(u32 n)
  * check is a single stash lookup. */
 static __always_inline int stash_enter(u32 kind, int dfd, const char *fname, u32 flags)
 {
-    struct scope_cfg *cfg = get_cfg();
-    if (!cfg)
-        return 0;
     u64 id = bpf_get_current_pid_tgid();
-    u32 sc = in_scope(id >> 32, cfg);
+    u32 sc = watched(id >> 32);
     if (!sc)
         return 0;
-    u32 zero = 0;
-    struct ev_path *ev = (struct ev_path *)scratch.lookup(&zero);
+    struct ev_path *ev = new_event(kind, id, sc);
     if (!ev)
         return 0;
-    fill_hdr(&ev->h, kind, id, sc);
     ev->h.fd = dfd;
     ev->h.sc_flags = flags;
     if (fname)
@@ -191,9 +204,8 @@ static __always_inline struct ev_path *stash_take(long ret)
 {
     /* Scope first: for the out-of-scope majority a helper call and a compare are
      * cheaper than the stash hash lookup. */
-    struct scope_cfg *cfg = get_cfg();
     u64 id = bpf_get_current_pid_tgid();
-    if (!cfg || !in_scope(id >> 32, cfg))
+    if (!watched(id >> 32))
         return 0;
     struct ev_path *ev = stash.lookup(&id);
     if (!ev)
@@ -253,11 +265,8 @@ TRACEPOINT_PROBE(syscalls, sys_exit_rmdir) { return emit_bulk(args, args->ret); 
 
 TRACEPOINT_PROBE(syscalls, sys_enter_connect)
 {
-    struct scope_cfg *cfg = get_cfg();
-    if (!cfg)
-        return 0;
     u64 id = bpf_get_current_pid_tgid();
-    u32 sc = in_scope(id >> 32, cfg);
+    u32 sc = watched(id >> 32);
     if (!sc)
         return 0;
     const char *ua = (const char *)args->uservaddr;
@@ -265,11 +274,9 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect)
     bpf_probe_read_user(&family, sizeof(family), ua);
     if (family != EG_AF_INET && family != EG_AF_INET6 && family != EG_AF_UNIX)
         return 0;
-    u32 zero = 0;
-    struct ev_connect *ev = (struct ev_connect *)scratch.lookup(&zero);
+    struct ev_connect *ev = new_event(EG_K_CONNECT, id, sc);
     if (!ev)
         return 0;
-    fill_hdr(&ev->h, EG_K_CONNECT, id, sc);
     ev->h.fd = (int)args->fd;
     ev->family = family;
     ev->addrlen = (u32)args->addrlen;
@@ -346,12 +353,12 @@ static __always_inline int exec_action(const char *fname)
 static __always_inline int exec_enter(void *ctx, int dfd, const char *fname,
                                       const char *const *argv, u32 flags)
 {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 sc = watched(id >> 32);
+    if (!sc)
+        return 0;
     struct scope_cfg *cfg = get_cfg();
     if (!cfg)
-        return 0;
-    u64 id = bpf_get_current_pid_tgid();
-    u32 sc = in_scope(id >> 32, cfg);
-    if (!sc)
         return 0;
 
     /* Kill first, before anything else can fail: SIGKILL at execve entry aborts the exec,
@@ -360,11 +367,9 @@ static __always_inline int exec_enter(void *ctx, int dfd, const char *fname,
     if (act == EG_EXEC_KILL)
         bpf_send_signal(EG_SIGKILL);
 
-    u32 zero = 0;
-    struct ev_exec *ev = scratch.lookup(&zero);
+    struct ev_exec *ev = new_event(EG_K_EXEC, id, sc);
     if (!ev)
         return 0;
-    fill_hdr(&ev->h, EG_K_EXEC, id, sc);
     if (act == EG_EXEC_KILL)
         ev->h.flags |= EG_F_KILLED;
     else if (act == EG_EXEC_HOLD)
@@ -459,19 +464,14 @@ TRACEPOINT_PROBE(task, task_newtask)
     if (tracked.lookup(&ptgid))
         tracked.update(&child, &one); /* --pid mode follows every descendant */
 
-    struct scope_cfg *cfg = get_cfg();
-    if (!cfg)
-        return 0;
-    u32 sc = in_scope(ptgid, cfg);
+    u32 sc = watched(ptgid);
     if (!sc)
         return 0;
-    u32 zero = 0;
-    struct ev_path *ev = (struct ev_path *)scratch.lookup(&zero);
-    if (!ev)
+    struct ev_hdr *h = new_event(EG_K_FORK, id, sc);
+    if (!h)
         return 0;
-    fill_hdr(&ev->h, EG_K_FORK, id, sc);
-    ev->h.child_pid = child;
-    urgent.perf_submit(args, &ev->h, sizeof(struct ev_hdr));
+    h->child_pid = child;
+    urgent.perf_submit(args, h, sizeof(struct ev_hdr));
     return 0;
 }
 
@@ -487,16 +487,10 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     if ((u32)id != tgid)
         return 0;
 #endif
-    struct scope_cfg *cfg = get_cfg();
-    if (cfg) {
-        u32 sc = in_scope(tgid, cfg);
-        u32 zero = 0;
-        struct ev_path *ev = (struct ev_path *)scratch.lookup(&zero);
-        if (sc && ev) {
-            fill_hdr(&ev->h, EG_K_EXIT, id, sc);
-            urgent.perf_submit(args, &ev->h, sizeof(struct ev_hdr));
-        }
-    }
+    u32 sc = watched(tgid);
+    struct ev_hdr *h = sc ? new_event(EG_K_EXIT, id, sc) : 0;
+    if (h)
+        urgent.perf_submit(args, h, sizeof(struct ev_hdr));
     procs.delete(&tgid);
     tracked.delete(&tgid);
     return 0;
