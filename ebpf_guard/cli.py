@@ -370,18 +370,21 @@ def approvals() -> None:
         raise UserError(str(e)) from None
 
 
+def _answer(verb: str, approval_id: str, remember: bool) -> None:
+    from ebpf_guard import approvals
+
+    try:
+        click.echo(getattr(approvals, verb)(approval_id, remember=remember))
+    except approvals.ApprovalError as e:
+        raise UserError(str(e)) from None
+
+
 @main.command()
 @click.argument("approval_id")
 @click.option("--remember", is_flag=True, help="Allow the same action for the rest of this run.")
 def approve(approval_id, remember) -> None:
     """Allow a pending ASK: thaw the agent."""
-    from ebpf_guard.approvals import ApprovalError
-    from ebpf_guard.approvals import approve as do_approve
-
-    try:
-        click.echo(do_approve(approval_id, remember=remember))
-    except ApprovalError as e:
-        raise UserError(str(e)) from None
+    _answer("approve", approval_id, remember)
 
 
 @main.command()
@@ -389,13 +392,7 @@ def approve(approval_id, remember) -> None:
 @click.option("--remember", is_flag=True, help="Deny the same action for the rest of this run.")
 def deny(approval_id, remember) -> None:
     """Deny a pending ASK: apply the rule's deny action (kill by default)."""
-    from ebpf_guard.approvals import ApprovalError
-    from ebpf_guard.approvals import deny as do_deny
-
-    try:
-        click.echo(do_deny(approval_id, remember=remember))
-    except ApprovalError as e:
-        raise UserError(str(e)) from None
+    _answer("deny", approval_id, remember)
 
 
 if __name__ == "__main__":
