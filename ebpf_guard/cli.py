@@ -15,12 +15,16 @@ from ebpf_guard.paths import DEFAULT_POLICY
 from ebpf_guard.session import Session, SessionError, SessionOptions, reap, set_child_subreaper, spawn_when_watched
 from ebpf_guard.verdicts import Mode, Verdict
 
-# Exit codes of `run` (documented in the README). Otherwise: the command's own status,
-# or 128+N when it died of signal N, like a shell.
-EXIT_ERROR = 1  # ebpf-guard itself could not do its job (setup, bad input)
+# Exit statuses: one table for every command (README "Exit status", and each command's --help).
+# `run` otherwise exits with the command's own status, or 128+N when it died of signal N.
+EXIT_OK = 0
+EXIT_ERROR = 1  # ebpf-guard could not do its job: not root, no bcc, I/O error, setup failed
 EXIT_USAGE = 2  # bad command line or invalid policy
-EXIT_HALTED = 120  # a HALT or ASK froze the agent at least once
-EXIT_KILLED = 121  # a KILL verdict killed (part of) the agent
+EXIT_REFUSED = 3  # refused for safety: a cgroup ebpf-guard must not touch (or not without --force)
+EXIT_DAMAGED = 4  # verify / report / replay: the evidence is broken, unreadable or torn
+EXIT_HALTED = 120  # run / watch: a HALT or ASK froze the agent at least once
+EXIT_KILLED = 121  # run / watch: a KILL verdict killed (part of) the agent
+EXIT_INTERRUPTED = 122  # run / watch: ended by SIGINT, SIGTERM or SIGHUP (120 and 121 take precedence)
 
 DEFAULT_INCIDENTS = Path("/var/log/ebpf-guard/incidents")
 
