@@ -259,27 +259,45 @@ class Actuator:
 # --- `ebpf-guard resume|kill --cgroup` -----------------------------------------------------
 
 
-def resume(spec: str | Path) -> str:
-    """Thaw a frozen cgroup (v2 spec or a v1 freezer path we printed)."""
+def operator_freezer(spec: str | Path, *, force: bool = False) -> Freezer:
+    """The freezer behind a cgroup the operator names, once it passed the scope guard: never a
+    root, init.scope or a cgroup holding the guard; never one ebpf-guard did not create or
+    watch, unless `force`. Raises ScopeError (refused) or ActuatorError (no such cgroup)."""
     try:
         fz = cgroups.freezer_at(spec)
+    except CgroupError as e:
+        raise ActuatorError(str(e)) from e
+    cgroups.refuse_outside_scope(fz.path)
+    cgroups.refuse_unowned(fz.path, force)
+    return fz
+
+
+def resume(spec: str | Path, *, force: bool = False) -> str:
+    """Thaw a frozen cgroup (v2 spec or a v1 freezer path we printed)."""
+    fz = operator_freezer(spec, force=force)
+    try:
         fz.thaw()
     except CgroupError as e:
         raise ActuatorError(str(e)) from e
     return f"thawed {fz.path}"
 
 
-def kill_all(spec: str | Path, timeout: float = 2.0) -> str:
-    """SIGKILL everything in a cgroup (frozen or not) and wait, bounded, for it to empty."""
+def kill_all(spec: str | Path, *, force: bool = False, timeout: float = 2.0) -> str:
+    """SIGKILL everything in a cgroup's subtree (frozen or not), wait, bounded, for it to
+    empty, then remove it if ebpf-guard created it."""
+    fz = operator_freezer(spec, force=force)
     try:
-        fz = cgroups.freezer_at(spec)
         n = len(fz.pids())
         fz.kill()
         deadline = time.monotonic() + timeout
         while fz.pids() and time.monotonic() < deadline:
             time.sleep(0.01)
         left = len(fz.pids())
+        removed = ""
+        if not left and cgroups.marked_role(fz.path) == cgroups.ROLE_CREATED:
+            fz.remove()
+            removed = "; removed it (ebpf-guard created it)"
     except CgroupError as e:
         raise ActuatorError(str(e)) from e
-    tail = f"; {left} still exiting after {timeout:g}s" if left else ""
+    tail = f"; {left} still exiting after {timeout:g}s" if left else removed
     return f"killed {n} processes in {fz.path}{tail}"

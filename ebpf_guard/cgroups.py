@@ -12,6 +12,7 @@ the sensor watches).
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -21,10 +22,20 @@ from pathlib import Path
 
 V1_FREEZER_PREFIX = "ebpf-guard-"
 RUN_CGROUP_PREFIX = "ebpf-guard-run-"
+# The mark on every cgroup ebpf-guard creates or watches. A trusted.* xattr: only CAP_SYS_ADMIN
+# can set or read it, so an agent with the user's rights can neither forge nor remove it; it
+# lives and dies with the cgroup, so it survives a guard crash (the operator's `kill` still works).
+MARK_XATTR = "trusted.ebpf-guard"
+ROLE_CREATED = "created"  # ebpf-guard made this cgroup (`run`, the v1 freezer): ours to remove
+ROLE_WATCHED = "watched"  # `watch --cgroup` names it: ours to freeze and kill, not to remove
 
 
 class CgroupError(Exception):
     """A cgroup problem, phrased as one line for the user."""
+
+
+class ScopeError(CgroupError):
+    """A cgroup or process ebpf-guard refuses to act on: outside what it may touch."""
 
 
 # --- mounts --------------------------------------------------------------------------------
@@ -122,7 +133,8 @@ def is_within(path: Path, ancestor: Path) -> bool:
 # --- membership ----------------------------------------------------------------------------
 
 
-def create_cgroup(parent: Path, name: str) -> Path:
+def create_cgroup(parent: Path, name: str, *, mark_created: bool = False) -> Path:
+    """mkdir a cgroup; with `mark_created` it carries ebpf-guard's mark (see `mark`)."""
     path = parent / name
     try:
         path.mkdir()
@@ -130,6 +142,12 @@ def create_cgroup(parent: Path, name: str) -> Path:
         raise CgroupError(f"cgroup {path} already exists") from e
     except OSError as e:
         raise CgroupError(f"cannot create cgroup {path}: {e.strerror}") from e
+    if mark_created:
+        try:
+            mark(path, ROLE_CREATED)
+        except CgroupError:
+            os.rmdir(path)
+            raise
     return path
 
 
@@ -142,7 +160,111 @@ def create_run_cgroup(parent: Path | None = None) -> Path:
     exempt from that rule, so a child of the root always accepts the agent.
     """
     base = parent if parent is not None else find_v2_mount()
-    return create_cgroup(base, f"{RUN_CGROUP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return create_cgroup(base, f"{RUN_CGROUP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}",
+                         mark_created=True)
+
+
+# --- scope: what ebpf-guard may touch --------------------------------------------------------
+
+
+def mark(path: Path, role: str) -> None:
+    """Mark `path` as ebpf-guard's (`ROLE_CREATED` or `ROLE_WATCHED`), with who and when."""
+    value = json.dumps({"role": role, "pid": os.getpid(), "at": int(time.time())}).encode()
+    try:
+        os.setxattr(path, MARK_XATTR, value)
+    except OSError as e:
+        raise CgroupError(f"cannot mark cgroup {path} ({MARK_XATTR}): {e.strerror}") from e
+
+
+def marked_role(path: Path) -> str | None:
+    """The role ebpf-guard marked `path` with, or None when it is not ebpf-guard's."""
+    try:
+        value = json.loads(os.getxattr(path, MARK_XATTR))
+    except (OSError, ValueError):
+        return None
+    role = value.get("role") if isinstance(value, dict) else None
+    return role if role in (ROLE_CREATED, ROLE_WATCHED) else None
+
+
+def unmark(path: Path) -> None:
+    try:
+        os.removexattr(path, MARK_XATTR)
+    except OSError:
+        pass  # gone already, or never marked: nothing to undo
+
+
+def _hierarchy_of(path: Path) -> tuple[Path, frozenset[str] | None] | None:
+    """(mount point, its super options; None for cgroup v2) of the cgroup fs `path` is in."""
+    mounts = [(m, None) for m, _ in _mounts("cgroup2")]
+    mounts += [(m, frozenset(o.split(","))) for m, o in _mounts("cgroup")]
+    inside = [(m, o) for m, o in mounts if path == m or m in path.parents]
+    return max(inside, key=lambda mo: len(str(mo[0]))) if inside else None
+
+
+def _own_cgroup(mount: Path, options: frozenset[str] | None) -> Path | None:
+    """The guard's own cgroup in the hierarchy mounted at `mount` ("0::" for v2; for v1 the
+    line whose controllers, e.g. "freezer" or "name=systemd", are the mount's options)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        names = set(filter(None, controllers.split(",")))
+        if (options is None and not names) or (options is not None and names and names <= options):
+            rel = rel.removesuffix(" (deleted)").lstrip("/")
+            return mount / rel if rel else mount
+    return None
+
+
+def refuse_outside_scope(path: Path) -> None:
+    """Raise ScopeError for a cgroup no ebpf-guard command may freeze, thaw or kill, whatever
+    the flags: a hierarchy's root (the whole host), any cgroup holding the guard itself (its own
+    and every ancestor), and init.scope (PID 1)."""
+    path = Path(os.path.normpath(path))
+    found = _hierarchy_of(path)
+    if found is None:
+        raise ScopeError(f"refusing {path}: not in a cgroup filesystem")
+    mount, options = found
+    if path == mount:
+        raise ScopeError(f"refusing the root cgroup {path}: that is every process on the host")
+    rel = path.relative_to(mount)
+    if rel.parts[0] == "init.scope":
+        raise ScopeError(f"refusing {path}: init.scope holds PID 1 (init)")
+    own = _own_cgroup(mount, options)
+    if own is not None and is_within(own, path):
+        raise ScopeError(f"refusing {path}: it contains ebpf-guard itself ({own}); "
+                         "name a cgroup that holds only the agent")
+
+
+def refuse_unowned(path: Path, force: bool) -> None:
+    """Raise ScopeError unless ebpf-guard created or watches `path`, or `force` is given."""
+    if not force and marked_role(path) is None:
+        raise ScopeError(f"refusing {path}: ebpf-guard did not create or watch it "
+                         f"(no {MARK_XATTR} mark); add --force to act on it anyway")
+
+
+def refuse_process_outside_scope(pid: int) -> None:
+    """Raise ScopeError for a process `watch --pid` must not take over: init, kernel threads,
+    the guard itself and its ancestors (freezing them would freeze the guard or the host)."""
+    if pid <= 1:
+        raise ScopeError(f"refusing PID {pid}: only a process the agent runs in can be watched")
+    chain = {os.getpid()}
+    p = os.getpid()
+    while p > 1:
+        p = _ppid(p)
+        chain.add(p)
+    if pid in chain:
+        raise ScopeError(f"refusing PID {pid}: it is ebpf-guard itself or one of its ancestors")
+    if pid == 2 or _ppid(pid) == 2:
+        raise ScopeError(f"refusing PID {pid}: a kernel thread")
+
+
+def _ppid(pid: int) -> int:
+    from ebpf_guard.procmodel import read_stat  # the one /proc/PID/stat parser
+
+    stat = read_stat(pid)
+    return stat[0] if stat else 0
 
 
 def move_pid(path: Path, pid: int) -> None:
@@ -168,6 +290,8 @@ def _events(path: Path) -> dict[str, int]:
     """cgroup.events as a dict, e.g. {"populated": 1, "frozen": 0}."""
     try:
         text = (path / "cgroup.events").read_text()
+    except FileNotFoundError:
+        return {}  # removed meanwhile (e.g. by `ebpf-guard kill`): neither populated nor frozen
     except OSError as e:
         raise CgroupError(f"cannot read {path}/cgroup.events: {e.strerror}") from e
     return {k: int(v) for k, v in (line.split() for line in text.splitlines() if line.strip())}
@@ -275,7 +399,9 @@ def _freeze_and_kill(path: Path, timeout: float = 2.0) -> None:
 
 
 def kill_cgroup(path: Path) -> None:
-    """SIGKILL everything in the cgroup and its descendants (does not wait for them to exit)."""
+    """SIGKILL everything in the cgroup and its descendants (does not wait for them to exit).
+    Never a hierarchy's root: the fallback below would walk, and kill, the whole host."""
+    _refuse_root(path)
     kill_file = path / "cgroup.kill"
     if kill_file.exists():
         try:
@@ -284,6 +410,12 @@ def kill_cgroup(path: Path) -> None:
             raise CgroupError(f"cannot write {kill_file}: {e.strerror}") from e
         return
     _freeze_and_kill(path)
+
+
+def _refuse_root(path: Path) -> None:
+    found = _hierarchy_of(Path(os.path.normpath(path)))
+    if found is None or found[0] == Path(os.path.normpath(path)):
+        raise ScopeError(f"refusing to kill {path}: a cgroup root or not a cgroup")
 
 
 def _rmdir_tree(path: Path, deadline: float) -> bool:
@@ -338,6 +470,10 @@ class Freezer:
     def kill(self) -> None:
         raise NotImplementedError
 
+    def remove(self) -> None:
+        """Kill what is left and remove the cgroup tree."""
+        raise NotImplementedError
+
     def pids(self) -> list[int]:
         return pids(self.path)
 
@@ -350,6 +486,8 @@ class Freezer:
 
 
 class V2Freezer(Freezer):
+    """A cgroup v2 directory, frozen through its cgroup.freeze file."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
 
@@ -367,6 +505,9 @@ class V2Freezer(Freezer):
 
     def kill(self) -> None:
         kill_cgroup(self.path)
+
+    def remove(self) -> None:
+        remove_cgroup(self.path)
 
     def adopt(self, pid: int) -> None:
         # Idempotent: `run` already wrote the child into this cgroup; a no-op then.
@@ -388,7 +529,7 @@ class V1Freezer(Freezer):
         name = name or uuid.uuid4().hex[:10]
         path = mount / f"{V1_FREEZER_PREFIX}{name}"
         if not path.is_dir():
-            create_cgroup(mount, path.name)
+            create_cgroup(mount, path.name, mark_created=True)
         return cls(path)
 
     def _state(self) -> str:
@@ -426,6 +567,7 @@ class V1Freezer(Freezer):
     def kill(self, timeout: float = 2.0) -> None:
         # Freeze so nothing forks between listing and signalling; v1-frozen tasks only die
         # once thawed, so the SIGKILLs are queued and delivered on thaw.
+        _refuse_root(self.path)
         self.freeze()
         self.wait_frozen(timeout)
         _sigkill_all(self.pids())
@@ -468,12 +610,7 @@ def freezer_for(cgroup: Path | None, pid: int | None = None) -> Freezer:
     their future children inherit the v1 membership. `run` passes its child as `pid`.
     """
     if cgroup is not None:
-        root = find_v2_mount()
-        if cgroup == root:
-            raise CgroupError(f"refusing to freeze the root cgroup {root} (the whole host)")
-        if is_within(cgroup_of_pid(os.getpid()), cgroup):
-            raise CgroupError(f"cgroup {cgroup} contains ebpf-guard itself: freezing it would "
-                              "freeze the guard; watch a cgroup that holds only the agent")
+        refuse_outside_scope(cgroup)
         if can_freeze_v2(cgroup):
             return V2Freezer(cgroup)
     fz = V1Freezer.create(cgroup.name if cgroup is not None else None)

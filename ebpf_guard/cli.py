@@ -231,49 +231,82 @@ def check(policies) -> None:
     sys.exit(EXIT_USAGE if bad else 0)
 
 
-@main.command()
-@click.option("--cgroup", "cgroup_spec", required=True, help="The halted agent's cgroup.")
-@click.option("--force", is_flag=True, help="Thaw even though approvals are pending in it.")
-def resume(cgroup_spec, force) -> None:
-    """Thaw a halted agent's cgroup."""
+class RefusedError(UserError):
+    """The scope guard said no: one line to stderr, exit EXIT_REFUSED."""
+
+    exit_code = EXIT_REFUSED
+
+
+_FORCE_HELP = ("Act even on a cgroup ebpf-guard did not create or watch (never the root, init.scope "
+               "or a cgroup holding ebpf-guard itself)")
+
+
+def _act_on_cgroup(verb: str, act) -> None:
+    """Run `act()` as root, mapping refusals to EXIT_REFUSED and other failures to EXIT_ERROR."""
     from ebpf_guard.actuator import ActuatorError
-    from ebpf_guard.actuator import resume as thaw
 
     try:
-        host.require_root()
-        if not force:
-            _refuse_if_asking(cgroup_spec)
-        click.echo(thaw(cgroup_spec))
+        host.require_root(f"to {verb} a cgroup")
+        click.echo(act())
+    except cgroups.ScopeError as e:
+        raise RefusedError(str(e)) from None
     except (ActuatorError, host.HostError) as e:
         raise UserError(str(e)) from None
 
 
-def _refuse_if_asking(cgroup_spec: str) -> None:
+@main.command()
+@click.option("--cgroup", "cgroup_spec", required=True, help="The halted agent's cgroup.")
+@click.option("--force", is_flag=True,
+              help=f"{_FORCE_HELP}; also thaw while approvals are pending in it.")
+def resume(cgroup_spec, force) -> None:
+    """Thaw a halted agent's cgroup.
+
+    Exit status: 0 thawed; 1 no such cgroup, not root, or the thaw failed; 2 bad command line;
+    3 refused (the root, init.scope, a cgroup holding ebpf-guard, one it did not create or
+    watch without --force, or approvals pending in it without --force).
+    """
+    from ebpf_guard.actuator import resume as thaw
+
+    def act() -> str:
+        from ebpf_guard.actuator import operator_freezer
+
+        fz = operator_freezer(cgroup_spec, force=force)  # refusals first, pending approvals next
+        if not force:
+            _refuse_if_asking(fz.path)
+        return thaw(fz.path, force=force)
+
+    _act_on_cgroup("thaw", act)
+
+
+def _refuse_if_asking(path: Path) -> None:
     """HALT and ASK share the freeze: thawing would let an unanswered ASK's action go ahead."""
     from ebpf_guard.approvals import ApprovalError, list_pending
 
     try:
-        root = cgroups.resolve_cgroup(cgroup_spec)
-        ids = {cgroups.cgroup_id(Path(d)) for d, _, _ in os.walk(root)}
+        ids = {cgroups.cgroup_id(Path(d)) for d, _, _ in os.walk(path)}
         asking = [p["id"] for p in list_pending() if p.get("cgroup_id") in ids]
     except (cgroups.CgroupError, ApprovalError):
         return  # a v1 freezer path, or no running guard: nothing can be pending in it
     if asking:
-        raise UserError(f"approvals pending in this cgroup ({', '.join(asking)}): answer them with "
-                        "`ebpf-guard approve|deny ID` first, or `resume --force` to let them run unanswered")
+        raise cgroups.ScopeError(
+            f"approvals pending in this cgroup ({', '.join(asking)}): answer them with "
+            "`ebpf-guard approve|deny ID` first, or `resume --force` to let them run unanswered")
 
 
 @main.command(name="kill")
 @click.option("--cgroup", "cgroup_spec", required=True, help="The agent's cgroup.")
-def kill_cmd(cgroup_spec) -> None:
-    """Kill everything in a (halted) agent's cgroup."""
-    from ebpf_guard.actuator import ActuatorError, kill_all
+@click.option("--force", is_flag=True, help=f"{_FORCE_HELP}.")
+def kill_cmd(cgroup_spec, force) -> None:
+    """Kill everything in a (halted) agent's cgroup and its descendants; remove the cgroup
+    once empty if ebpf-guard created it.
 
-    try:
-        host.require_root()
-        click.echo(kill_all(cgroup_spec))
-    except (ActuatorError, host.HostError) as e:
-        raise UserError(str(e)) from None
+    Exit status: 0 killed; 1 no such cgroup, not root, or the kill failed; 2 bad command line;
+    3 refused (the root, init.scope, a cgroup holding ebpf-guard, or one it did not create or
+    watch without --force).
+    """
+    from ebpf_guard.actuator import kill_all
+
+    _act_on_cgroup("kill", lambda: kill_all(cgroup_spec, force=force))
 
 
 @main.command()

@@ -73,6 +73,6 @@ def import_bcc():
     return bcc
 
 
-def require_root() -> None:
+def require_root(why: str = "to load BPF programs") -> None:
     if os.geteuid() != 0:
-        raise HostError("ebpf-guard needs root to load BPF programs (try: sudo ebpf-guard ...)")
+        raise HostError(f"ebpf-guard needs root {why} (try: sudo ebpf-guard ...)")

@@ -59,7 +59,7 @@ def test_halt_freezes_and_resume_thaws(tmp_cgroup: Path, tmp_path: Path, spawn) 
     )
     assert cgroups.is_frozen(tmp_cgroup)
     assert not grows(out, 0.2)
-    assert resume(str(tmp_cgroup)) == f"thawed {tmp_cgroup}"
+    assert resume(str(tmp_cgroup), force=True) == f"thawed {tmp_cgroup}"
     assert grows(out, 2.0)
 
 
@@ -156,7 +156,7 @@ def test_halt_without_a_cgroup_is_an_error(spawn) -> None:
 def test_kill_all_empties_a_frozen_cgroup(tmp_cgroup: Path, spawn) -> None:
     procs = [spawn(tmp_cgroup, ["sleep", "100"]) for _ in range(2)]
     Actuator(tmp_cgroup).freeze_now()
-    assert kill_all(str(tmp_cgroup)) == f"killed 2 processes in {tmp_cgroup}"
+    assert kill_all(str(tmp_cgroup), force=True) == f"killed 2 processes in {tmp_cgroup}"
     assert all(p.wait(2) == -9 for p in procs)
 
 
@@ -174,7 +174,7 @@ def test_v1_freezer_halt_resume_kill(tmp_path: Path, spawn) -> None:
         assert resume(fz.path) == f"thawed {fz.path}"
         assert grows(out, 2.0)
         act.freeze_now()
-        assert kill_all(str(fz.path)) == f"killed 1 processes in {fz.path}"
+        assert kill_all(str(fz.path)) == f"killed 1 processes in {fz.path}; removed it (ebpf-guard created it)"
         assert p.wait(2) == -9
     finally:
         fz.remove()  # type: ignore[attr-defined]

@@ -222,7 +222,7 @@ def test_halt_and_ask_together_resume_waits_for_the_answer(tmp_cgroup, tmp_path,
         pending = _pending_for("ask-publish")  # the shell had already exec'd publish: ASK too
         # The freeze is shared: resuming now would let `publish` run unanswered. Refused.
         refused = guard("resume", "--cgroup", str(cg))
-        assert refused.returncode == 1 and pending["id"] in refused.stderr
+        assert refused.returncode == 3 and pending["id"] in refused.stderr
         assert cgroups.is_frozen(cg) and not marker.exists()
         assert guard("approve", pending["id"]).returncode == 0
         assert cgroups.is_frozen(cg)  # approving the ASK does not undo the HALT
