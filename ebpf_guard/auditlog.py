@@ -27,6 +27,17 @@ Rotation: when the current file would exceed `max_bytes`, it is renamed to `<log
 above the highest existing number (so ascending numbers are chronological and a rotation is one
 rename), and the chain simply continues in the new file.
 
+Loss (records that could not be written)
+----------------------------------------
+When `append` raises AuditLogError because the record could not be written (disk full, I/O
+error), the writer counts it: `VerdictLog.unwritten_total` for the session, and a pending count
+that the next record which *is* written carries as `"unwritten_before": N` (a member of that
+record, so the count and the record are written together or not at all). The pending count is
+also kept in the head file as `"unwritten": N` (an in-place pwrite, which still works on a full
+disk), so records lost at the end of a session are carried by the first record of the next one
+and reported by `verify_log` even if no record is ever written after them. `verify` and
+`report` show both; the chain itself stays intact (the lost records were never in it).
+
 A record `{"type": "chain_repair", "prev": GENESIS, ...}` (written only by
 `VerdictLog(..., repair=True)`) starts a new chain segment after damage; verify accepts it and
 reports it in `notes`. This keeps a damaged log usable without ever hiding the damage.
@@ -37,6 +48,7 @@ lines off-host for that.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import logging
@@ -48,11 +60,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 from ebpf_guard.events import Event, Kind
+from ebpf_guard.files import open_regular, read_regular
 from ebpf_guard.redact import Redactor
 from ebpf_guard.verdicts import Decision
 
@@ -62,7 +75,8 @@ DEFAULT_LOG = "/var/log/ebpf-guard/verdicts.jsonl"
 GENESIS = "0" * 64
 HEAD_SUFFIX = ".head"
 HEAD_SIZE = 128
-_RESERVED = ("seq", "prev", "hash")
+LOSS_KEY = "unwritten_before"  # on a record: how many records before it could not be written
+_RESERVED = ("seq", "prev", "hash", LOSS_KEY)
 _HASH_TAIL = re.compile(rb',"hash":"([0-9a-f]{64})"}\n?\Z')
 # Refuse anything orjson would otherwise serialize on its own (dataclasses, datetimes, str
 # subclasses): those would bypass redaction, which only walks dicts, lists and strings.
@@ -172,6 +186,15 @@ def record_for(
 # Files
 
 
+def read_error(path: str | os.PathLike[str], e: OSError) -> str:
+    """Why a log file cannot be read, in one line; says to run as root when that would help
+    (the default log directory is root-only)."""
+    what = f"cannot read {e.filename or path}: {e.strerror or e}"
+    if e.errno in (errno.EACCES, errno.EPERM) and os.geteuid() != 0:
+        what += " (run as root)"
+    return what
+
+
 def head_path(path: str | os.PathLike[str]) -> Path:
     p = Path(path)
     return p.with_name(p.name + HEAD_SUFFIX)
@@ -184,8 +207,8 @@ def log_files(path: str | os.PathLike[str]) -> list[Path]:
     numbered: list[tuple[int, Path]] = []
     try:
         names = os.listdir(p.parent)
-    except FileNotFoundError:
-        names = []
+    except (FileNotFoundError, NotADirectoryError):
+        names = []  # no log there (other errors, e.g. EACCES, are the caller's to report)
     for name in names:
         m = rx.fullmatch(name)
         if m:
@@ -203,6 +226,7 @@ class _Parsed:
     hash: str
     type: Any
     hash_ok: bool
+    unwritten: int  # records the writer could not write before this one
 
 
 def _parse(line: bytes) -> _Parsed:
@@ -215,16 +239,37 @@ def _parse(line: bytes) -> _Parsed:
         obj = orjson.loads(line)
     except orjson.JSONDecodeError:
         raise ValueError("line is not valid JSON (torn write or edited)") from None
+    if not isinstance(obj, dict):
+        raise ValueError("line is not a JSON object (edited)")
     seq, prev, h = obj.get("seq"), obj.get("prev"), m.group(1).decode()
     if obj.get("hash") != h:
         raise ValueError("hash member is duplicated or malformed")
     if type(seq) is not int or not isinstance(prev, str) or not re.fullmatch("[0-9a-f]{64}", prev):
         raise ValueError("seq or prev missing or malformed")
-    return _Parsed(seq, prev, h, obj.get("type"), hashlib.sha256(body).hexdigest() == h)
+    lost = obj.get(LOSS_KEY)
+    lost = lost if type(lost) is int and lost > 0 else 0
+    return _Parsed(seq, prev, h, obj.get("type"), hashlib.sha256(body).hexdigest() == h, lost)
 
 
-def _read_head(path: Path) -> tuple[int, str] | None:
-    """(seq, hash) from the head file; None if missing or empty; ValueError if garbled."""
+class _Head(NamedTuple):
+    """The head file: last seq and hash, records lost after it that no record carries yet, and
+    whether the file is byte for byte what the writer writes for those values."""
+
+    seq: int
+    hash: str
+    unwritten: int
+    exact: bool
+
+
+def _head_bytes(seq: int, h: str, unwritten: int) -> bytes:
+    head: dict[str, Any] = {"seq": seq, "hash": h}
+    if unwritten:
+        head["unwritten"] = unwritten
+    return orjson.dumps(head).ljust(HEAD_SIZE - 1) + b"\n"
+
+
+def _read_head(path: Path) -> _Head | None:
+    """The head file; None if missing or empty; ValueError if garbled."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -233,12 +278,14 @@ def _read_head(path: Path) -> tuple[int, str] | None:
         return None
     try:
         obj = orjson.loads(data)
-        seq, h = obj["seq"], obj["hash"]
-    except (orjson.JSONDecodeError, KeyError, TypeError):
+        seq, h, lost = obj["seq"], obj["hash"], obj.get("unwritten", 0)
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
         raise ValueError("head file is not valid") from None
     if type(seq) is not int or not isinstance(h, str) or not re.fullmatch("[0-9a-f]{64}", h):
         raise ValueError("head file is not valid")
-    return seq, h
+    if type(lost) is not int or lost < 0:
+        raise ValueError("head file is not valid")
+    return _Head(seq, h, lost, data == _head_bytes(seq, h, lost))
 
 
 def _last_line(path: Path) -> bytes | None:
@@ -265,7 +312,9 @@ def _last_line(path: Path) -> bytes | None:
 
 
 class VerdictLog:
-    """Appends records to the hash-chained JSONL log. One writer per log (enforced by flock)."""
+    """Appends records to the hash-chained JSONL log. One writer per log (enforced by flock).
+
+    `unwritten_total` counts the records this writer could not write (see "Loss" above)."""
 
     def __init__(
         self,
@@ -285,6 +334,8 @@ class VerdictLog:
         self._fd = -1
         self._head_fd = -1
         self._broken = ""
+        self._unwritten = 0  # lost since the last record written; the next one carries it
+        self.unwritten_total = 0
         try:
             self._open(repair)
         except OSError as e:
@@ -302,8 +353,9 @@ class VerdictLog:
             parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(parent, 0o700)  # mkdir's mode is filtered by the umask
         flags = os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-        self._fd = os.open(self.path, flags | os.O_WRONLY | os.O_APPEND, 0o600)
-        self._head_fd = os.open(self.head, flags | os.O_RDWR, 0o600)
+        # Regular files only: a log "written" to /dev/null or a FIFO would be evidence lost.
+        self._fd = open_regular(self.path, flags | os.O_WRONLY | os.O_APPEND, 0o600)
+        self._head_fd = open_regular(self.head, flags | os.O_RDWR, 0o600)
         try:
             fcntl.flock(self._head_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -331,9 +383,10 @@ class VerdictLog:
         except ValueError as e:
             head, problem = None, problem or f"{self.head.name}: {e}"
         if not problem:
-            h_seq, h_hash = head or (0, GENESIS)
+            h_seq, h_hash, h_lost, _ = head or (0, GENESIS, 0, True)
             t_seq, t_hash = (tail.seq, tail.hash) if tail else (0, GENESIS)
             if (h_seq, h_hash) == (t_seq, t_hash):
+                self._unwritten = h_lost  # lost at the end of the last session: carried on
                 return t_seq, t_hash
             if tail is not None and h_seq == t_seq - 1 and h_hash == tail.prev:
                 # Crashed between the log write and the head update: the head is one behind.
@@ -355,12 +408,13 @@ class VerdictLog:
             )
         if torn and last_file == self.path:
             self._write_all(b"\n")  # end the fragment so the repair record is a line of its own
-        seq = max(head[0] if head else 0, tail.seq if tail else 0)
+        seq = max(head.seq if head else 0, tail.seq if tail else 0)
         self._seq, self._prev = seq, GENESIS
+        self._unwritten = head.unwritten if head else 0
         log.warning("audit log %s: %s; starting a new chain segment at seq %d",
                     self.path, problem, seq + 1)
         rec = self.append({"type": "chain_repair", "problem": problem,
-                           "head": {"seq": head[0], "hash": head[1]} if head else None,
+                           "head": {"seq": head.seq, "hash": head.hash} if head else None,
                            "tail": {"seq": tail.seq, "hash": tail.hash} if tail else None})
         return rec["seq"], rec["hash"]
 
@@ -369,35 +423,62 @@ class VerdictLog:
     def append(self, record: dict) -> dict:
         """Redacts, chains and writes one record; returns it as written (with seq, prev, hash).
 
-        Adds `ts` if absent. Any `seq`/`prev`/`hash` in `record` is replaced. Raises
-        AuditLogError on any failure. The record is then not in the log, except when only the
-        head-file update failed (the record is written; the head heals on the next append).
+        Adds `ts` if absent. Any `seq`/`prev`/`hash`/`unwritten_before` in `record` is replaced;
+        `unwritten_before` is added when records before this one could not be written. Raises
+        AuditLogError on any failure. The record is then not in the log and is counted as
+        unwritten, except when only the head-file update failed (the record is written; the
+        head heals on the next append).
         """
         with self._lock:
-            if self._broken:
-                raise AuditLogError(f"audit log {self.path} is unusable: {self._broken}")
-            if self._fd < 0:
-                raise AuditLogError(f"audit log {self.path} is closed")
-            rec = {k: v for k, v in record.items() if k not in _RESERVED}
-            rec.setdefault("ts", utc_ts())
-            seq = self._seq + 1
-            out = {"seq": seq, "prev": self._prev, **self.redactor.redact_obj(rec, keys=True)}
-            out, body = _dumps(out)
-            h = hashlib.sha256(body).hexdigest()
-            line = body[:-1] + b',"hash":"' + h.encode() + b'"}\n'
-            if self.max_bytes and self._size and self._size + len(line) > self.max_bytes:
-                self._rotate()
-            self._write_all(line)
-            self._seq, self._prev = seq, h
-            self._write_head(seq, h)
-            out["hash"] = h
+            try:
+                line, out = self._line(record)
+                if self.max_bytes and self._size and self._size + len(line) > self.max_bytes:
+                    self._rotate()
+                self._write_all(line)
+            except AuditLogError:
+                self._count_unwritten()
+                raise
+            self._seq, self._prev = out["seq"], out["hash"]
+            self._unwritten = 0
+            self._write_head(self._seq, self._prev)
             return out
 
+    def _line(self, record: dict) -> tuple[bytes, dict]:
+        """The chained line for `record` and the record as written (with seq, prev, hash)."""
+        if self._broken:
+            raise AuditLogError(f"audit log {self.path} is unusable: {self._broken}")
+        if self._fd < 0:
+            raise AuditLogError(f"audit log {self.path} is closed")
+        rec = {k: v for k, v in record.items() if k not in _RESERVED}
+        rec.setdefault("ts", utc_ts())
+        if self._unwritten:
+            rec[LOSS_KEY] = self._unwritten
+        out = {"seq": self._seq + 1, "prev": self._prev,
+               **self.redactor.redact_obj(rec, keys=True)}
+        out, body = _dumps(out)
+        h = hashlib.sha256(body).hexdigest()
+        out["hash"] = h
+        return body[:-1] + b',"hash":"' + h.encode() + b'"}\n', out
+
+    def _count_unwritten(self) -> None:
+        self._unwritten += 1
+        self.unwritten_total += 1
+        if self._head_fd >= 0:
+            try:  # in place, so it usually works on a full disk too: the count survives us
+                self._write_head(self._seq, self._prev)
+            except AuditLogError:
+                pass  # still carried by the next record this writer manages to write
+
     def _write_all(self, data: bytes) -> None:
+        done = 0
         try:
-            n = os.write(self._fd, data)
-            if n != len(data):
-                raise OSError(0, f"short write ({n} of {len(data)} bytes)")
+            # A short write (the disk filled mid-line) is continued: the next write then fails
+            # with the real reason (ENOSPC), which is what the operator needs to read.
+            while done < len(data):
+                n = os.write(self._fd, data[done:])
+                if n <= 0:
+                    raise OSError(0, f"short write ({done} of {len(data)} bytes)")
+                done += n
             if self.fsync:
                 os.fsync(self._fd)
         except OSError as e:
@@ -410,7 +491,7 @@ class VerdictLog:
         self._size += len(data)
 
     def _write_head(self, seq: int, h: str) -> None:
-        data = orjson.dumps({"seq": seq, "hash": h}).ljust(HEAD_SIZE - 1) + b"\n"
+        data = _head_bytes(seq, h, self._unwritten)
         try:
             if os.pwrite(self._head_fd, data, 0) != HEAD_SIZE:
                 raise OSError(0, "short write")
@@ -421,10 +502,10 @@ class VerdictLog:
             raise AuditLogError(f"cannot update {self.head}: {e.strerror or e}") from e
 
     def _rotate(self) -> None:
-        files = log_files(self.path)
-        nums = [int(f.name.rsplit(".", 1)[1]) for f in files if f != self.path]
-        target = self.path.with_name(f"{self.path.name}.{max(nums, default=0) + 1}")
         try:
+            files = log_files(self.path)
+            nums = [int(f.name.rsplit(".", 1)[1]) for f in files if f != self.path]
+            target = self.path.with_name(f"{self.path.name}.{max(nums, default=0) + 1}")
             if self.fsync:
                 os.fsync(self._fd)
             os.rename(self.path, target)
@@ -514,29 +595,49 @@ def _fsync_dir(path: Path) -> None:
 
 @dataclass(slots=True)
 class VerifyResult:
+    """What `verify_log` found. Not ok and not `unreadable`: the log is damaged or not a log."""
+
     ok: bool
     records: int  # records checked and found good
     first_bad_seq: int | None = None
     problem: str = ""  # one human line, "verdicts.jsonl:17: seq 17: …"; "" when ok
     file: str | None = None
     line: int | None = None
-    notes: list[str] = field(default_factory=list)  # accepted oddities (repairs, head lag)
+    notes: list[str] = field(default_factory=list)  # accepted oddities (repairs, head lag, loss)
+    unreadable: bool = False  # could not be read at all (missing, permission, I/O error)
+    unwritten: int = 0  # records the writer counted as not written (carried or in the head)
+    unwritten_at_end: int = 0  # of which after the last record (only the head file says so)
+    last_seq: int = field(default=0, compare=False)  # seq of the last record read
 
 
 def _lines(files: list[Path]) -> Iterator[tuple[Path, int, bytes]]:
     for f in files:
-        with open(f, "rb") as fh:
+        with read_regular(f) as fh:
             for i, raw in enumerate(fh, 1):
                 yield f, i, raw
 
 
 def verify_log(path: str | os.PathLike[str]) -> VerifyResult:
-    """Checks seq continuity, every hash and prev link across the rotated set, and the head."""
+    """Checks seq continuity, every hash and prev link across the rotated set, and the head.
+
+    Never raises: a log that cannot be read at all comes back with `unreadable` set."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            return VerifyResult(False, 0, None, f"{p}: is a directory, not a verdict log (give "
+                                f"the log file, e.g. {p / Path(DEFAULT_LOG).name})", str(p))
+        return _verify(p)
+    except OSError as e:
+        return VerifyResult(False, 0, None, read_error(p, e), str(p), unreadable=True)
+
+
+def _verify(path: Path) -> VerifyResult:
     files = log_files(path)
     hp = head_path(path)
     if not files:
-        return VerifyResult(False, 0, None, f"{Path(path)}: no such log", str(path))
+        return VerifyResult(False, 0, None, f"{path}: no such log", str(path), unreadable=True)
     notes: list[str] = []
+    lost = 0
     seq, prev, last_prev = 0, GENESIS, GENESIS
     good = 0
     last = (files[-1], 0)
@@ -544,7 +645,7 @@ def verify_log(path: str | os.PathLike[str]) -> VerifyResult:
 
     def bad(f: Path, ln: int, s: int | None, what: str) -> VerifyResult:
         where = f"{f.name}:{ln}: " + (f"seq {s}: " if s is not None else "")
-        return VerifyResult(False, good, s, where + what, str(f), ln, notes)
+        return VerifyResult(False, good, s, where + what, str(f), ln, notes, unwritten=lost)
 
     it = _lines(files)
     for f, ln, raw in it:
@@ -574,12 +675,19 @@ def verify_log(path: str | os.PathLike[str]) -> VerifyResult:
             if rec.prev != prev:
                 return bad(f, ln, expected,
                            f"prev hash does not match record {seq} (edited or reordered)")
+        if rec.unwritten:
+            lost += rec.unwritten
+            notes.append(f"{f.name}:{ln}: seq {rec.seq}: {rec.unwritten} records before it could "
+                         "NOT be written (counted by the writer: disk full or I/O error)")
         seq, prev, last_prev = rec.seq, rec.hash, rec.prev
         good += 1
         last = (f, ln)
     if pending_bad is not None:
         return bad(pending_bad[0], pending_bad[1], seq + 1, pending_bad[2])
-    return _check_head(hp, seq, prev, last_prev, good, last, notes)
+    result = _check_head(hp, seq, prev, last_prev, good, last, notes)
+    result.unwritten += lost
+    result.last_seq = seq
+    return result
 
 
 def _seq_problem(expected: int, got: int, rest: Iterator[tuple[Path, int, bytes]]) -> str:
@@ -609,9 +717,16 @@ def _check_head(hp: Path, seq: int, last_hash: str, last_prev: str, good: int,
         return VerifyResult(False, good, None,
                             f"{hp.name}: missing, but the log has {seq} records (deleted?)",
                             str(hp), None, notes)
-    h_seq, h_hash = head
+    h_seq, h_hash, h_lost, exact = head
+    if not exact and ((h_seq, h_hash) == (seq, last_hash) or h_seq == seq - 1):
+        # The values check out, the bytes do not: edited where nothing is read (the padding).
+        return VerifyResult(False, good, None, f"{hp.name}: not byte for byte as the writer "
+                            "writes it (edited)", str(hp), None, notes)
     if (h_seq, h_hash) == (seq, last_hash):
-        return VerifyResult(True, good, notes=notes)
+        if h_lost:
+            notes.append(f"{hp.name}: {h_lost} records after seq {seq} could NOT be written "
+                         "(counted by the writer; no record after them was written yet)")
+        return VerifyResult(True, good, notes=notes, unwritten=h_lost, unwritten_at_end=h_lost)
     if h_seq > seq:
         missing = f"seq {seq + 1}" if h_seq == seq + 1 else f"seqs {seq + 1}..{h_seq}"
         return VerifyResult(False, good, seq + 1,

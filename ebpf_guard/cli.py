@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -11,8 +12,18 @@ from pathlib import Path
 import click
 
 from ebpf_guard import cgroups, host
+from ebpf_guard.files import open_regular
 from ebpf_guard.paths import DEFAULT_POLICY
-from ebpf_guard.session import Session, SessionError, SessionOptions, reap, set_child_subreaper, spawn_when_watched
+from ebpf_guard.runtime.watchdog import Watchdog
+from ebpf_guard.session import (
+    Interrupts,
+    Session,
+    SessionError,
+    SessionOptions,
+    reap,
+    set_child_subreaper,
+    spawn_when_watched,
+)
 from ebpf_guard.verdicts import Mode, Verdict
 
 # Exit statuses: one table for every command (README "Exit status", and each command's --help).
@@ -42,12 +53,10 @@ def _load_policy(path: Path):
     from ebpf_guard.policy import PolicyError, load_policy
 
     try:
-        return load_policy(path)
+        return load_policy(path)  # unreadable, binary, huge, ...: all PolicyError (file:line)
     except PolicyError as e:
         click.echo(str(e), err=True)
         raise SystemExit(EXIT_USAGE) from None
-    except OSError as e:
-        raise UserError(f"cannot read policy {path}: {e.strerror}") from None
 
 
 def _need_root_and_bcc() -> None:
@@ -62,6 +71,31 @@ def _need_root_and_bcc() -> None:
 @click.version_option(package_name="ebpf-guard")
 def main() -> None:
     """Watch AI agents from the kernel and stop them when they cross a line."""
+    # File names are bytes: one that is not UTF-8 is printed as the bytes it is, never a
+    # UnicodeEncodeError traceback on a UTF-8 terminal.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
+
+
+class PositiveNumber(click.ParamType):
+    """A finite number above 0 (and at least `minimum`): nan, inf, 0 and negatives are usage
+    errors, not a report window of nothing or a log that rotates on every record."""
+
+    name = "number"
+
+    def __init__(self, minimum: float = 0.0) -> None:
+        self.minimum = minimum
+
+    def convert(self, value, param, ctx) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number) or number <= 0 or number < self.minimum:
+            least = f"of at least {self.minimum:g}" if self.minimum > 0 else "above 0"
+            self.fail(f"{value!r}: must be a finite number {least}", param, ctx)
+        return number
 
 
 # ----------------------------------------------------------------------------- watch / run
@@ -76,15 +110,16 @@ def _session_options(f):
         click.option("--log", "log_path", type=click.Path(path_type=Path), default=None,
                      help="Verdict log (JSON lines). [default: /var/log/ebpf-guard/verdicts.jsonl]"),
         click.option("--log-all", is_flag=True, help="Log SAFE events too."),
-        click.option("--log-max-mb", type=float, default=None,
-                     help="Rotate the verdict log at this size (the hash chain continues across files)."),
+        click.option("--log-max-mb", type=PositiveNumber(minimum=0.001), default=None,
+                     help="Rotate the verdict log at this size, at least 0.001 (the hash chain "
+                          "continues across files)."),
         click.option("--incidents", "incidents_dir", type=click.Path(path_type=Path), default=None,
                      help="Directory for incident files. [default: beside the log]"),
-        click.option("--record", "record_path", type=click.Path(path_type=Path), default=None,
-                     help="Save the raw event stream for `ebpf-guard replay`."),
+        click.option("--record", "record_path", type=click.Path(path_type=Path, dir_okay=False),
+                     default=None, help="Save the raw event stream for `ebpf-guard replay`."),
         click.option("--json", "json_out", is_flag=True, help="JSON lines on stdout."),
-        click.option("--output", "output_path", type=click.Path(path_type=Path), default=None,
-                     help="Also write JSON lines to FILE."),
+        click.option("--output", "output_path", type=click.Path(path_type=Path, dir_okay=False),
+                     default=None, help="Also write JSON lines to FILE."),
         click.option("--quiet", is_flag=True, help="Print only verdicts other than SAFE and status."),
     ]
     for opt in reversed(opts):
@@ -92,91 +127,141 @@ def _session_options(f):
     return f
 
 
-def _start_session(opts: SessionOptions, stack: ExitStack, **kw) -> Session:
-    policy = _load_policy(opts.policy_path)
+def _start_session(opts: SessionOptions, stack: ExitStack, interrupts: Interrupts, **kw) -> Session:
+    """The session, set up; an interrupt meanwhile undoes the setup and exits EXIT_INTERRUPTED."""
     try:
-        return Session(opts, stack, policy=policy, **kw)
+        policy = _load_policy(opts.policy_path)
+        session = Session(opts, stack, policy=policy, **kw)
+        interrupts.setup_done()  # from here on signals only end the loop, at its next step
+        return session
     except SessionError as e:
         raise UserError(str(e)) from None
     except KeyboardInterrupt:
-        stack.close()  # undo what setup did (cgroup, freezer, socket) before saying so
+        interrupts.finishing()
+        stack.close()  # undo what setup did (cgroup, freezer, socket, watchdog) before saying so
         click.echo("ebpf-guard: interrupted during setup", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
 
 
-def _signals_raise() -> None:
-    """SIGTERM/SIGHUP end the loop like Ctrl-C does."""
-    def raise_interrupt(signum, frame):
-        raise KeyboardInterrupt
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, raise_interrupt)
+def _signals_raise() -> Interrupts:
+    """SIGINT/SIGTERM/SIGHUP: raise KeyboardInterrupt during setup only (to undo it); after
+    that they are counted and end the loop at its next step (see session.Interrupts)."""
+    return Interrupts().install()
 
 
 @main.command()
 @click.option("--cgroup", "cgroup_spec", default=None,
               help="cgroup v2 path (/sys/fs/cgroup/...) or as /proc/PID/cgroup prints it.")
 @click.option("--pid", "pid", type=int, default=None, help="Follow this process and its descendants.")
-@click.option("--workspace", type=click.Path(path_type=Path), default=None,
+@click.option("--workspace", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="The agent's workspace ({workspace} in policies). [default: current directory]")
 @_session_options
 def watch(cgroup_spec, pid, workspace, **kw) -> None:
-    """Watch an existing cgroup or process tree until Ctrl-C or until it is empty."""
+    """Watch an existing cgroup or process tree until Ctrl-C or until it is empty.
+
+    \b
+    Exit status:
+      0    it ended (the cgroup or process tree is empty) and ebpf-guard did not intervene
+      1    ebpf-guard could not do its job (not root, no bcc, bad cgroup, ...)
+      2    bad command line or invalid policy
+      3    refused: the root cgroup, init.scope, a cgroup or process tree holding ebpf-guard
+      120  a HALT froze the agent at least once (or an ASK was denied with on_deny: HALT)
+      121  a KILL verdict killed the agent or part of it
+      122  ended by SIGINT, SIGTERM or SIGHUP (120 and 121 take precedence)
+    """
     if (cgroup_spec is None) == (pid is None):
         raise click.UsageError("give exactly one of --cgroup PATH or --pid PID")
     _need_root_and_bcc()
     cgroup = None
-    if cgroup_spec is not None:
-        try:
+    try:
+        if cgroup_spec is not None:
             cgroup = cgroups.resolve_cgroup(cgroup_spec)
+            cgroups.refuse_outside_scope(cgroup)
+        else:
+            cgroups.refuse_process_outside_scope(pid)
+    except cgroups.ScopeError as e:
+        raise RefusedError(str(e)) from None
+    except cgroups.CgroupError as e:
+        raise UserError(str(e)) from None
+    if pid is not None and not Path(f"/proc/{pid}").exists():
+        raise UserError(f"no process with PID {pid}")
+    # The mark lets `resume`/`kill` act on it without --force while (and, if left frozen, after)
+    # it is watched; a clean end that leaves it running gives it back unmarked.
+    marked_here = cgroup is not None and cgroups.marked_role(cgroup) is None
+    if marked_here:
+        try:
+            cgroups.mark(cgroup, cgroups.ROLE_WATCHED)
         except cgroups.CgroupError as e:
             raise UserError(str(e)) from None
-    elif not Path(f"/proc/{pid}").exists():
-        raise UserError(f"no process with PID {pid}")
     opts = SessionOptions(workspace=str((workspace or Path.cwd()).resolve()), **kw)
-    _signals_raise()
+    interrupts = _signals_raise()
     with ExitStack() as stack:
-        session = _start_session(opts, stack, cgroup=cgroup, pids=(pid,) if pid else ())
-        try:
-            while True:
-                session.step()
-                if cgroup is not None and not cgroups.is_populated(cgroup):
-                    session.printer.message(f"cgroup {cgroup} is empty")
-                    break
-                if pid is not None and session.sensor.tracked_count() == 0:
-                    session.printer.message(f"process {pid} and its descendants are gone")
-                    break
-        except KeyboardInterrupt:
+        # First in, last out: the watchdog hears "done" only after every other cleanup.
+        clean = (SystemExit, KeyboardInterrupt, click.ClickException)
+        watchdog = stack.enter_context(Watchdog(clean=clean))
+        if marked_here:
+            stack.push(lambda exc_type, *_: _unmark_unless_held(cgroup, exc_type, clean))
+        session = _start_session(opts, stack, interrupts, cgroup=cgroup, pids=(pid,) if pid else (),
+                                 watchdog=watchdog)
+        while not interrupts.count:
+            session.step()
+            if cgroup is not None and not cgroups.is_populated(cgroup):
+                session.printer.message(f"cgroup {cgroup} is empty")
+                break
+            if pid is not None and session.sensor.tracked_count() == 0:
+                session.printer.message(f"process {pid} and its descendants are gone")
+                break
+        interrupted = interrupts.finishing()
+        if interrupted:
             session.printer.message("interrupted")
         session.finish()
-        session.report("watch ended:")
+        summary = session.guard.summary
+        status = (EXIT_KILLED if summary.killed else EXIT_HALTED if summary.halted
+                  else EXIT_INTERRUPTED if interrupted else EXIT_OK)
+        session.report(f"watch ended (exit {status}):")
+    sys.exit(status)
+
+
+def _unmark_unless_held(cgroup: Path, exc_type: type | None, clean: tuple[type, ...]) -> None:
+    """Give a watched cgroup back unmarked, unless it stays frozen (the operator resumes or
+    kills it next) or the guard crashed (its watchdog freezes it next)."""
+    if (exc_type is None or issubclass(exc_type, clean)) and not cgroups.is_frozen(cgroup):
+        cgroups.unmark(cgroup)
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.option("--cgroup-parent", default=None,
               help="Create the agent's cgroup under this cgroup. [default: the cgroup v2 root]")
-@click.option("--workspace", type=click.Path(path_type=Path), default=None,
+@click.option("--workspace", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="The agent's workspace. [default: current directory]")
 @_session_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(cgroup_parent, workspace, command, **kw) -> None:
     """Run COMMAND in a fresh cgroup and watch it until it and all its descendants are gone.
 
-    Exit status: the command's own (128+N if it died of signal N) when ebpf-guard did not
-    intervene; 120 if the agent was halted (frozen) at least once; 121 if ebpf-guard killed it.
+    \b
+    Exit status:
+      N    the command's own (128+N if it died of signal N): ebpf-guard did not intervene
+      1    ebpf-guard could not do its job (not root, no bcc, bad cgroup, ...)
+      2    bad command line or invalid policy
+      120  a HALT froze the agent at least once (or an ASK was denied with on_deny: HALT)
+      121  a KILL verdict killed the agent or part of it
+      122  ended by SIGINT, SIGTERM or SIGHUP, which kill the agent (120 and 121 take precedence)
     """
     _need_root_and_bcc()
     opts = SessionOptions(workspace=str((workspace or Path.cwd()).resolve()), **kw)
-    try:
-        parent = cgroups.resolve_cgroup(cgroup_parent) if cgroup_parent else None
-        cgroup = cgroups.create_run_cgroup(parent)
-    except cgroups.CgroupError as e:
-        raise UserError(str(e)) from None
-    _signals_raise()
-    set_child_subreaper()
-    status = EXIT_ERROR
+    interrupts = _signals_raise()
     with ExitStack() as stack:
+        # First in, last out: the watchdog hears "done" only after every other cleanup.
+        watchdog = stack.enter_context(Watchdog(clean=(SystemExit, KeyboardInterrupt, click.ClickException)))
+        try:
+            parent = cgroups.resolve_cgroup(cgroup_parent) if cgroup_parent else None
+            cgroup = cgroups.create_run_cgroup(parent)
+        except cgroups.CgroupError as e:
+            raise UserError(str(e)) from None
         stack.callback(cgroups.remove_cgroup, cgroup)
-        session = _start_session(opts, stack, cgroup=cgroup, prompt_tty=True)
+        set_child_subreaper()
+        session = _start_session(opts, stack, interrupts, cgroup=cgroup, prompt_tty=True, watchdog=watchdog)
         try:
             child = spawn_when_watched(list(command), cgroup, session)
         except SessionError as e:
@@ -184,13 +269,13 @@ def run(cgroup_parent, workspace, command, **kw) -> None:
         except OSError as e:
             raise UserError(f"cannot run {command[0]}: {e.strerror}") from None
         session.printer.message(f"running {' '.join(command)} (pid {child.pid}) in cgroup {cgroup}")
-        try:
-            while True:
-                session.step()
-                reap(child)
-                if child.returncode is not None and not cgroups.is_populated(cgroup):
-                    break
-        except KeyboardInterrupt:
+        while not interrupts.count:
+            session.step()
+            reap(child)
+            if child.returncode is not None and not cgroups.is_populated(cgroup):
+                break
+        interrupted = interrupts.finishing()
+        if interrupted:
             session.printer.message(f"interrupted: killing everything in {cgroup}")
             cgroups.kill_cgroup(cgroup)
             cgroups.wait_empty(cgroup, 5.0)
@@ -203,6 +288,8 @@ def run(cgroup_parent, workspace, command, **kw) -> None:
             status, how = EXIT_KILLED, "killed by ebpf-guard"
         elif summary.halted:
             status, how = EXIT_HALTED, "halted by ebpf-guard"
+        elif interrupted:
+            status, how = EXIT_INTERRUPTED, "interrupted"
         else:
             how = "exited"
         session.report(f"{command[0]} {how} (status {rc if rc >= 0 else f'signal {-rc}'}), exit {status}.")
@@ -213,22 +300,24 @@ def run(cgroup_parent, workspace, command, **kw) -> None:
 @main.command()
 @click.argument("policies", nargs=-1, required=True, type=click.Path(path_type=Path))
 def check(policies) -> None:
-    """Validate policy files; every error names file, line and key."""
+    """Validate policy files; every error names file, line and key.
+
+    Exit status: 0 every policy is valid; 2 any is invalid or cannot be read.
+    """
     from ebpf_guard.policy import PolicyError, load_policy
 
     bad = 0
     for path in policies:
         try:
-            policy = load_policy(path)
+            policy = load_policy(path)  # raises nothing but PolicyError, whatever the file holds
         except PolicyError as e:
             click.echo(str(e), err=True)
             bad += 1
-        except OSError as e:
-            click.echo(f"{path}: cannot read: {e.strerror}", err=True)
-            bad += 1
         else:
-            click.echo(f"{path}: ok ({len(policy.rules)} rules, mode {policy.mode.value})")
-    sys.exit(EXIT_USAGE if bad else 0)
+            # format_filename: a non-UTF-8 name must not make a strict UTF-8 stdout raise.
+            click.echo(f"{click.format_filename(path)}: ok ({len(policy.rules)} rules, "
+                       f"mode {policy.mode.value})")
+    sys.exit(EXIT_USAGE if bad else EXIT_OK)
 
 
 class RefusedError(UserError):
@@ -309,25 +398,41 @@ def kill_cmd(cgroup_spec, force) -> None:
     _act_on_cgroup("kill", lambda: kill_all(cgroup_spec, force=force))
 
 
+class DamagedError(UserError):
+    """The evidence is broken, torn or not what it claims to be: one line, exit EXIT_DAMAGED."""
+
+    exit_code = EXIT_DAMAGED
+
+
 @main.command()
 @click.argument("log", type=click.Path(path_type=Path), default=None, required=False)
 def verify(log) -> None:
-    """Check the verdict log's hash chain; report the first bad record."""
+    """Check the verdict log's hash chain; report the first bad record.
+
+    Exit status: 0 chain intact (records the writer could not write are reported, they are no
+    damage); 4 chain broken or LOG is not a verdict log; 1 LOG cannot be read (missing, not root).
+    """
     from ebpf_guard.auditlog import DEFAULT_LOG, verify_log
 
-    result = verify_log(Path(log or DEFAULT_LOG))
+    path = Path(log or DEFAULT_LOG)
+    result = verify_log(path)
+    if result.unreadable:
+        raise UserError(result.problem)
     for note in result.notes:
         click.echo(f"note: {note}")
-    if result.ok:
-        click.echo(f"{log or DEFAULT_LOG}: ok ({result.records} records, chain intact)")
-        return
-    click.echo(f"ebpf-guard: verify: {result.problem}", err=True)
-    sys.exit(EXIT_ERROR)
+    if not result.ok:
+        raise DamagedError(result.problem)
+    lost = (f"; {result.unwritten} records could NOT be written, see the notes"
+            if result.unwritten else "")
+    click.echo(f"{path}: ok ({result.records} records, chain intact){lost}")
 
 
 @main.command()
 def doctor() -> None:
-    """Check that this host can run ebpf-guard; one line per check, with the fix."""
+    """Check that this host can run ebpf-guard; one line per check, with the fix.
+
+    Exit status: 0 it can (warnings allowed); 1 a check failed.
+    """
     from ebpf_guard.doctor import run_checks
 
     sys.exit(run_checks(click.echo))
@@ -343,62 +448,89 @@ def doctor() -> None:
 @click.option("--all", "show_all", is_flag=True, help="Print SAFE decisions too.")
 @click.argument("more_policies", nargs=-1, type=click.Path(path_type=Path))
 def replay(recording, policy_path, compare, mode, show_all, more_policies) -> None:
-    """Run a recorded event stream (from --record) through the engine; nothing is enforced."""
+    """Run a recorded event stream (from --record) through the engine; nothing is enforced.
+
+    Exit status: 0; 4 when the recording is torn (what precedes the tear is replayed, and where
+    it stopped is said) or is not a recording; 2 bad policy; 1 a file cannot be read.
+    """
+    from ebpf_guard.auditlog import read_error
     from ebpf_guard.output import describe
     from ebpf_guard.policy import PolicyError
     from ebpf_guard.recording import RecordingError, read_recording
     from ebpf_guard.replay import format_comparison
     from ebpf_guard.replay import replay as do_replay
 
+    policies = [*compare, *more_policies]
+    if policies and len(policies) < 2:
+        raise click.UsageError("--compare needs at least two policies")
     try:
-        if compare or more_policies:
-            policies = [*compare, *more_policies]
-            if len(policies) < 2:
-                raise click.UsageError("--compare needs at least two policies")
-            results = do_replay(recording, policies, Mode(mode) if mode else None)
-            click.echo(format_comparison(results))
-            return
-        if policy_path is None:
-            policy_path = Path(read_recording(recording)[0].policy)
-        (result,) = do_replay(recording, [policy_path], Mode(mode) if mode else None)
+        if not policies:
+            policies = [policy_path or Path(read_recording(recording)[0].policy)]
+        results = do_replay(recording, policies, Mode(mode) if mode else None)
     except PolicyError as e:
         click.echo(str(e), err=True)
         sys.exit(EXIT_USAGE)
-    except (RecordingError, OSError) as e:
-        raise UserError(str(e)) from None
-    for d in result.decisions:
-        if show_all or d.verdict is not Verdict.SAFE:
-            ev = d.event
-            click.echo(f"{d.verdict.value:<5} {d.rule or 'default':<24} pid {ev.tgid:<7} {ev.comm:<16} "
-                       f"{ev.kind.value:<7} {describe(ev)}")
-    counts = ", ".join(f"{result.counts.get(v, 0)} {v.value}" for v in Verdict)
-    click.echo(f"replayed {len(result.decisions)} events under {policy_path}: {counts} (nothing enforced)")
+    except RecordingError as e:
+        raise DamagedError(str(e)) from None
+    except OSError as e:
+        raise UserError(read_error(e.filename or recording, e)) from None
+    if len(results) > 1:
+        click.echo(format_comparison(results))
+    else:
+        (result,) = results
+        for d in result.decisions:
+            if show_all or d.verdict is not Verdict.SAFE:
+                ev = d.event
+                click.echo(f"{d.verdict.value:<5} {d.rule or 'default':<24} pid {ev.tgid:<7} "
+                           f"{ev.comm:<16} {ev.kind.value:<7} {describe(ev)}")
+        counts = ", ".join(f"{result.counts.get(v, 0)} {v.value}" for v in Verdict)
+        click.echo(f"replayed {len(result.decisions)} events under {result.policy}: {counts} "
+                   "(nothing enforced)")
+    if results[0].torn:
+        raise DamagedError(results[0].torn)
 
 
 @main.command()
 @click.argument("log", type=click.Path(path_type=Path), default=None, required=False)
-@click.option("--last-hours", type=float, default=None, help="Only the last N hours.")
+@click.option("--last-hours", type=PositiveNumber(), default=None, help="Only the last N hours.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "html"]), default="text")
-@click.option("--out", "out_path", type=click.Path(path_type=Path), default=None, help="Write to FILE.")
+@click.option("--out", "out_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Write to FILE.")
 def report(log, last_hours, fmt, out_path) -> None:
-    """Forensic report from a verdict log: timeline, counts, incidents, actions."""
-    from ebpf_guard.auditlog import DEFAULT_LOG, log_files
-    from ebpf_guard.report import main_report
+    """Forensic report from a verdict log: timeline, counts, incidents, actions.
+
+    Exit status: 0; 4 when the hash chain is broken or LOG is not a verdict log (the report is
+    still written when there is anything to report, and says so at the top); 1 when LOG cannot
+    be read or --out cannot be written.
+    """
+    from ebpf_guard.auditlog import DEFAULT_LOG
+    from ebpf_guard.report import ReportError, main_report
 
     path = Path(log or DEFAULT_LOG)
-    if not log_files(path):
-        raise UserError(f"no verdict log at {path}")
-    text = main_report(path, last_hours, fmt)
+    try:
+        out = main_report(path, last_hours, fmt)
+    except ReportError as e:
+        raise (DamagedError if e.damaged else UserError)(str(e)) from None
     if out_path:
-        out_path.write_text(text)
+        try:
+            with os.fdopen(open_regular(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), "w",
+                           encoding="utf-8") as f:  # a FIFO as --out would block forever
+                f.write(out.text)
+        except OSError as e:
+            raise UserError(f"cannot write {out_path}: {e.strerror or e}") from None
         click.echo(f"wrote {out_path}")
     else:
-        click.echo(text)
+        click.echo(out.text)
+    if not out.check.ok:
+        raise DamagedError(f"hash chain BROKEN: {out.check.problem}")
 
 
 @main.command()
 def approvals() -> None:
-    """List pending ASK approvals of every running guard."""
+    """List pending ASK approvals of every running guard.
+
+    Exit status: 0 listed (possibly none); 1 not root, or no running guard.
+    """
     from ebpf_guard.approvals import ApprovalError, format_pending, list_pending
 
     try:
@@ -420,7 +552,10 @@ def _answer(verb: str, approval_id: str, remember: bool) -> None:
 @click.argument("approval_id")
 @click.option("--remember", is_flag=True, help="Allow the same action for the rest of this run.")
 def approve(approval_id, remember) -> None:
-    """Allow a pending ASK: thaw the agent."""
+    """Allow a pending ASK: thaw the agent.
+
+    Exit status: 0 answered; 1 not root, no running guard, or no pending ASK with that id.
+    """
     _answer("approve", approval_id, remember)
 
 
@@ -428,7 +563,10 @@ def approve(approval_id, remember) -> None:
 @click.argument("approval_id")
 @click.option("--remember", is_flag=True, help="Deny the same action for the rest of this run.")
 def deny(approval_id, remember) -> None:
-    """Deny a pending ASK: apply the rule's deny action (kill by default)."""
+    """Deny a pending ASK: apply the rule's deny action (kill by default).
+
+    Exit status: 0 answered; 1 not root, no running guard, or no pending ASK with that id.
+    """
     _answer("deny", approval_id, remember)
 
 

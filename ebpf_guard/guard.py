@@ -275,11 +275,14 @@ class Guard:
 
     def _fail_closed(self, error: str) -> None:
         self.summary.failed_closed = True
-        self.printer.message(f"cannot write the verdict log ({error}): freezing the agent (fail-closed)")
         try:
             done = self.actuator.freeze_now()
         except ActuatorError as e:
             done = f"FAILED to freeze: {e}"
         self.summary.halted = True
-        self.summary.actions.append(f"fail-closed: {done}")
-        self.printer.message(done)
+        action = f"fail-closed: {done}"
+        if action not in self.summary.actions[-1:]:  # a full disk fails every record, not one
+            self.summary.actions.append(action)
+        # One line per failure, the same while the cause lasts: the printer prints it once and
+        # counts the repeats (the verdict log counts the records themselves).
+        self.printer.message(f"cannot write the verdict log ({error}); fail-closed: {done}")

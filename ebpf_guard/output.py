@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable
 from typing import IO
 
@@ -43,7 +44,10 @@ def event_json(decision: Decision, redact: Callable[[dict], dict]) -> bytes:
 
 
 class Printer:
-    """Prints every decided event: human lines to a TTY, JSON lines with json=True, and/or a file."""
+    """Prints every decided event: human lines to a TTY, JSON lines with json=True, and/or a file;
+    and status lines on stderr, where a line repeated back to back is printed once, then counted
+    ("(last message repeated N more times)" when another line comes, at close, and at 10, 100,
+    1000… as a sign of life): a full disk fails every record, not one."""
 
     def __init__(self, *, redactor: Redactor, json: bool = False, stream: IO[str] | None = None,
                  file: IO[bytes] | None = None, quiet: bool = False) -> None:
@@ -55,10 +59,16 @@ class Printer:
         self.quiet = quiet
         self._t0: int | None = None
         self._header_done = False
+        self._lock = threading.Lock()  # the incident writer thread reports through message()
+        self._last = ""
+        self._repeats = 0
 
     def decision(self, decision: Decision) -> None:
         if self.file is not None:
-            self.file.write(event_json(decision, self.redact) + b"\n")
+            try:
+                self.file.write(event_json(decision, self.redact) + b"\n")
+            except OSError as e:
+                self._drop_file(e)
         if self.quiet and decision.verdict is Verdict.SAFE:
             return
         if self.json:
@@ -83,5 +93,47 @@ class Printer:
 
     def message(self, text: str) -> None:
         """A status line, on stderr: stdout carries only the event stream."""
+        with self._lock:
+            if text == self._last:
+                self._repeats += 1
+                if self._repeats >= 10 and str(self._repeats).strip("0") == "1":
+                    self._emit(f"(last message repeated {self._repeats} more times so far)")
+                return
+            self._flush_repeats()
+            self._last = text
+            self._emit(text)
+
+    def close(self) -> None:
+        """Says how often the last status line repeated; closes the --output file."""
+        with self._lock:
+            self._flush_repeats()
+        file, self.file = self.file, None
+        if file is not None:
+            self._close_file(file, None)
+
+    def _flush_repeats(self) -> None:
+        if self._repeats:
+            times = "time" if self._repeats == 1 else "times"
+            self._emit(f"(last message repeated {self._repeats} more {times})")
+        self._last, self._repeats = "", 0
+
+    def _drop_file(self, e: OSError) -> None:
+        # The --output file is a convenience copy of the stream: stop writing it, say so once,
+        # and go on watching (the verdict log is the evidence, and fails closed on its own).
+        file, self.file = self.file, None
+        if file is not None:
+            self._close_file(file, e)
+
+    def _close_file(self, file: IO[bytes], error: OSError | None) -> None:
+        try:
+            file.close()  # also after an error: else the garbage collector retries the flush
+        except OSError as e:
+            error = error or e
+        if error is not None:
+            self.message(f"cannot write --output {getattr(file, 'name', '?')} "
+                         f"({error.strerror or error}): no more events are written to it")
+
+    @staticmethod
+    def _emit(text: str) -> None:
         sys.stderr.write(f"ebpf-guard: {text}\n")
         sys.stderr.flush()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import math
+import os
 import re
 import string
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ from typing import Any
 import yaml
 
 from ebpf_guard.events import CREATE, READ, TRUNCATE, WRITE, Kind
+from ebpf_guard.files import read_regular
 from ebpf_guard.matchers import (
     VARIABLES,
     GlobError,
@@ -38,7 +41,7 @@ SPECIAL_LISTS = ("agent_config_files", "deny_write")
 
 TOP_KEYS = (
     "version", "extends", "mode", "workspace", "lists", "rules", "default",
-    "flag_threshold", "flag_window", "redact", "ask", *SPECIAL_LISTS,
+    "flag_threshold", "flag_window", "redact", "ask", "on_guard_exit", *SPECIAL_LISTS,
 )  # fmt: skip
 RULE_KEYS = (
     "name", "description", "reason", "verdict", "scope", "rate", "on_deny", "enabled",
@@ -56,6 +59,7 @@ TARGET_KEYS = frozenset(
     {"name", "path", "args_any", "args_regex", "flags", "operands", "addr", "port", "host"}
 )
 RATE_KEYS = ("count", "window")
+GUARD_EXIT_ACTIONS = ("freeze", "kill")  # on_guard_exit: what the watchdog does if the guard dies
 ASK_KEYS = ("timeout", "default")
 # Fields a `reason` may template, e.g. "read {path} ({comm}[{pid}])".
 REASON_FIELDS = (
@@ -63,9 +67,26 @@ REASON_FIELDS = (
     "argv", "addr", "port", "host", "dest", "value", "count", "window", "home", "workspace",
 )  # fmt: skip
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+# Used with fullmatch on stripped text: no `\s*` on both sides of an optional group, which
+# backtracked quadratically on long runs of spaces.
+_DURATION_RE = re.compile(r"([0-9]{1,12}(?:\.[0-9]{1,12})?)\s*(ms|s|m|h)?")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-_HOST_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.?)+$")
+MAX_DURATION_S = 365 * 86400.0  # windows become int ns; an unbounded float would overflow
+# One DNS label; names are split on "." first (a single regex over the whole name with an
+# optional dot between labels backtracked exponentially on e.g. "aaaa...a!").
+_LABEL_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?")
+
+# Bounds on what a policy file may cost to parse (a policy is small: default.yaml is 6 KiB).
+MAX_POLICY_BYTES = 1 << 20
+MAX_DEPTH = 32  # YAML nesting; PyYAML's composer recurses, deeper input hit RecursionError
+MAX_NODES = 250_000  # nodes with every alias expanded at each use ("billion laughs")
+MAX_STRINGS = 250_000  # strings after splicing $lists into lists and rules
+MAX_EXTENDS = 8  # files in one extends chain
+MAX_ISSUES = 200  # problems reported; the rest are counted
+_SAFE_TAGS = frozenset(
+    f"tag:yaml.org,2002:{t}"
+    for t in ("null", "bool", "int", "float", "str", "timestamp", "seq", "map")
+)
 
 
 # ---------------------------------------------------------------- errors
@@ -79,7 +100,21 @@ class PolicyIssue:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.key}: {self.message}"
+        # One issue, one line: keys and messages can carry line breaks from the YAML.
+        key = f" {self.key}:" if self.key else ""  # a whole-file problem names no key
+        return _one_line(f"{self.file}:{self.line}:{key} {self.message}")
+
+
+# Every character str.splitlines() breaks on, and the other C0 controls (a NUL in a file name).
+_LINE_BREAKS = {
+    c: repr(chr(c))[1:-1] for c in (*range(0x20), 0x7F, 0x85, 0x2028, 0x2029) if c != 0x09
+}
+
+
+def _one_line(text: str) -> str:
+    # Lone surrogates (a non-UTF-8 file name, a "\ud800" escape in the YAML) would make a
+    # strict UTF-8 stream raise: write them as escapes too.
+    return text.translate(_LINE_BREAKS).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class PolicyError(Exception):
@@ -174,6 +209,7 @@ class Policy:
     flag_window_s: float = 60.0
     ask: AskDefaults = AskDefaults()
     redact: tuple[str, ...] = ()  # extra regexes for the redactor (validated here only)
+    on_guard_exit: str = "freeze"  # GUARD_EXIT_ACTIONS: the watchdog's answer to a dead guard
     lists: dict[str, tuple[str, ...]] = field(default_factory=dict)
     agent_config_files: tuple[str, ...] = ()
     deny_write: tuple[str, ...] = ()
@@ -191,11 +227,10 @@ class Policy:
 def load_policy(path: str | Path) -> Policy:
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as e:
-        raise PolicyError(
-            [PolicyIssue(str(path), 0, "", f"cannot read policy: {e.strerror}")]
-        ) from e
+        text = _read_text(path)
+    except _Unreadable as e:
+        msg = f"cannot read policy: {e.message}" if e.io else e.message
+        raise PolicyError([PolicyIssue(str(path), e.line, "", msg)]) from None
     return _Parser().parse(text, str(path), base_dir=path.parent)
 
 
@@ -205,16 +240,56 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
 
 
 def parse_duration(value: Any) -> float | None:
-    """Seconds from 10, 2.5, "500ms", "10s", "2m", "1h"; None if malformed or not positive."""
+    """Seconds from 10, 2.5, "500ms", "10s", "2m", "1h"; None if malformed, not positive,
+    or longer than MAX_DURATION_S."""
+    seconds = _seconds(value)
+    return seconds if seconds is not None and 0 < seconds <= MAX_DURATION_S else None
+
+
+def _seconds(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
-        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    else:
-        return None
-    return seconds if seconds > 0 else None
+    if isinstance(value, int):
+        # float() of a huge int raises OverflowError; anything this big is too long anyway.
+        return float(value) if abs(value) < 10**18 else math.copysign(math.inf, value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str) and (m := _DURATION_RE.fullmatch(value.strip())):
+        return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    return None
+
+
+class _Unreadable(Exception):
+    def __init__(self, message: str, line: int = 0, *, io: bool = False) -> None:
+        super().__init__(message)
+        self.message, self.line = message, line
+        self.io = io  # could not read it at all, vs. read it and it is not a policy
+
+
+def _read_text(path: Path) -> str:
+    """A policy file's text; `_Unreadable` (with the line, where there is one) otherwise.
+
+    Only regular files are opened (`files.read_regular`); size is bounded before reading."""
+    try:
+        with read_regular(path) as f:
+            if os.fstat(f.fileno()).st_size > MAX_POLICY_BYTES:
+                raise _Unreadable(f"policy larger than {MAX_POLICY_BYTES >> 20} MiB")
+            data = f.read(MAX_POLICY_BYTES + 1)
+    except OSError as e:
+        raise _Unreadable(e.strerror or str(e), io=True) from None
+    except ValueError:  # a path with a NUL byte
+        raise _Unreadable("the path contains a NUL byte", io=True) from None
+    if len(data) > MAX_POLICY_BYTES:
+        raise _Unreadable(f"policy larger than {MAX_POLICY_BYTES >> 20} MiB")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        line = data.count(b"\n", 0, nul) + 1
+        raise _Unreadable("binary data (NUL byte): not a YAML policy", line)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise _Unreadable(f"not UTF-8 text (byte 0x{data[e.start]:02x})", line) from None
 
 
 # ---------------------------------------------------------------- parsing
@@ -261,21 +336,102 @@ _constructor = yaml.constructor.SafeConstructor()
 
 
 def _value(node: yaml.Node) -> Any:
-    """Plain Python value of a scalar node, with YAML's own typing (ints, bools, null)."""
-    return _constructor.construct_object(node, deep=True)
+    """Plain Python value of a scalar node, with YAML's own typing (ints, bools, null).
+    Only called on nodes `_Parser._check_tree` accepted, so it does not raise."""
+    try:
+        return _constructor.construct_object(node, deep=True)
+    finally:
+        # The constructor caches every node it built, and each node's marks hold the whole
+        # document: without this, every policy ever parsed stayed in memory.
+        _constructor.constructed_objects.clear()
+        _constructor.recursive_objects.clear()
+
+
+def _tag_name(node: yaml.Node) -> str:
+    """What a scalar was read as, for messages: "date", "int", ..."""
+    tag = _short_tag(node.tag).lstrip("!")
+    return {"timestamp": "date", "str": "string"}.get(tag, tag)
+
+
+def _clip(text: str, limit: int = 40) -> str:
+    """repr() of a scalar's text for a message, cut short: it may be a megabyte."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def _short_tag(tag: str) -> str:
+    return "!!" + tag[len("tag:yaml.org,2002:") :] if tag.startswith("tag:yaml.org,2002:") else tag
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader (no Python object tags) that refuses nesting deeper than MAX_DEPTH.
+
+    The composer recurses once per level: without the bound, a few thousand `[` raise
+    RecursionError instead of a located error."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self._depth >= MAX_DEPTH:
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(
+                None, None, f"nested deeper than {MAX_DEPTH} levels", mark
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _valid_host(name: str) -> bool:
+    """A DNS name (labels of letters, digits, '-', '_'; one trailing dot allowed), not an IP."""
+    if not 1 <= len(name) <= 253 or name.replace(".", "").isdigit():
+        return False
+    labels = name[:-1].split(".") if name.endswith(".") else name.split(".")
+    return all(_LABEL_RE.fullmatch(label) for label in labels)
+
+
+def _regex_problem(pattern: str) -> str | None:
+    """Why `pattern` does not compile, or None. re.compile raises more than re.error:
+    OverflowError for `a{99999999999}`, RecursionError for thousands of nested groups."""
+    try:
+        re.compile(pattern)
+    except (re.error, OverflowError, RecursionError, ValueError) as e:
+        return str(e) or type(e).__name__
+    return None
 
 
 def _suggest(word: str, options: Any) -> str:
-    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    options = [str(o) for o in options]
+    if len(str(word)) > 100 or len(options) > 500:
+        return ""  # difflib is quadratic; a suggestion is not worth that
+    close = difflib.get_close_matches(str(word), options, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class _Parser:
     def __init__(self) -> None:
         self.issues: list[PolicyIssue] = []
+        self.dropped = 0  # issues beyond MAX_ISSUES: counted, not kept
+        self.budget = MAX_STRINGS  # strings left to produce (see _spend)
 
     def err(self, file: str, line: int, key: str, message: str) -> None:
+        if len(self.issues) >= MAX_ISSUES:
+            self.dropped += 1
+            return
         self.issues.append(PolicyIssue(file, line, key, message))
+
+    def _spend(self, n: int, item: _Item) -> bool:
+        """Charge n strings; False (reported once) past MAX_STRINGS: `$list` splicing is
+        another way to a billion laughs (lists of lists of lists ...)."""
+        self.budget -= n
+        if self.budget >= 0:
+            return True
+        if self.budget + n >= 0:
+            self.at(item, f"lists expand to more than {MAX_STRINGS} strings")
+        return False
 
     def at(self, item: _Item, message: str, *, key_line: bool = False) -> None:
         self.err(item.file, item.key_line if key_line else item.line, item.key, message)
@@ -290,17 +446,36 @@ class _Parser:
             order = [*(layer.files if layer else ()), *(i.file for i in self.issues)]
             files = {f: i for i, f in reversed(list(enumerate(order)))}
             self.issues.sort(key=lambda i: (files[i.file], i.line))
+            if self.dropped:
+                self.issues.append(
+                    PolicyIssue(source, 0, "", f"{self.dropped} more problems not shown")
+                )
             raise PolicyError(self.issues)
         return policy
 
     def _layer(
         self, text: str, source: str, base_dir: Path, seen: tuple[str, ...]
     ) -> _Layer | None:
+        nul = text.find("\0")
+        if nul >= 0:
+            self.err(source, text.count("\n", 0, nul) + 1, "",
+                     "binary data (NUL byte): not a YAML policy")  # fmt: skip
+            return None
         try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
+            root = yaml.compose(text, Loader=_Loader)
         except yaml.MarkedYAMLError as e:
             mark = e.problem_mark or e.context_mark
-            self.err(source, mark.line + 1 if mark else 0, "", f"YAML syntax error: {e.problem}")
+            problem = e.problem or e.context or "malformed YAML"
+            self.err(source, mark.line + 1 if mark else 0, "", f"YAML syntax error: {problem}")
+            return None
+        except yaml.reader.ReaderError as e:  # a character YAML does not allow
+            line = text.count("\n", 0, e.position) + 1
+            self.err(source, line, "", f"YAML syntax error: {e.reason} ({e.character!r})")
+            return None
+        except yaml.YAMLError as e:
+            self.err(source, 0, "", f"YAML syntax error: {e}")
+            return None
+        if root is not None and not self._check_tree(root, source):
             return None
         if root is None:
             self.err(source, 1, "version", "empty policy: missing required key 'version'")
@@ -317,29 +492,13 @@ class _Parser:
                 if isinstance(top["version"].node, yaml.ScalarNode)
                 else None
             )
-            if v not in SUPPORTED_VERSIONS or isinstance(v, bool):
+            if v not in SUPPORTED_VERSIONS or type(v) is not int:  # not True, not 1.0
                 self.at(top["version"], f"unsupported version {v!r} (supported: 1)")
 
-        layer = _Layer()
+        layer = None
         if "extends" in top:
-            item = top["extends"]
-            name = self._str(item)
-            if name is not None:
-                base_path = (base_dir / name).resolve()
-                if str(base_path) in seen or base_path == Path(source).resolve():
-                    self.at(item, f"extends cycle through {name!r}")
-                else:
-                    try:
-                        base_text = base_path.read_text()
-                    except OSError as e:
-                        self.at(item, f"cannot read {name!r}: {e.strerror}")
-                    else:
-                        base = self._layer(
-                            base_text, str(base_dir / name), base_path.parent,
-                            (*seen, str(Path(source).resolve())),
-                        )  # fmt: skip
-                        if base is not None:
-                            layer = base
+            layer = self._extends(top["extends"], source, base_dir, seen)
+        layer = layer or _Layer()
         layer.files.append(source)
         for key, item in top.items():
             if key == "lists":
@@ -351,6 +510,104 @@ class _Parser:
             elif key not in ("extends", "version"):
                 layer.top[key] = item
         return layer
+
+    def _check_tree(self, root: yaml.Node, source: str) -> bool:
+        """Refuse what the parser must not walk into; False if anything was reported.
+
+        - tags outside YAML's core schema (`!!python/object`, `!!binary`, `!foo`, merge keys);
+        - scalars the safe constructor rejects (`!!int x`, `2001-13-45`, 5000-digit ints);
+        - recursive aliases (`&a [*a]`), and more than MAX_NODES nodes counting each alias
+          at every use: the parser walks every use, so aliases must not multiply its work.
+        Iterative (aliases can chain far deeper than the nesting bound).
+        """
+        size: dict[int, int] = {}  # expanded size of each finished node
+        on_path: set[int] = set()  # ancestors of the node being visited: a revisit is a cycle
+        todo: list[tuple[yaml.Node, str, bool]] = [(root, "", False)]
+        ok = True
+        while todo:
+            node, key, finished = todo.pop()
+            nid = id(node)
+            if finished:
+                on_path.discard(nid)
+                kids = [k for pair in node.value for k in pair] if isinstance(
+                    node, yaml.MappingNode) else node.value  # fmt: skip
+                size[nid] = 1 + sum(size.get(id(k), 1) for k in kids)
+                if size[nid] > MAX_NODES:
+                    self.err(source, node.start_mark.line + 1, key,
+                             f"more than {MAX_NODES} values with aliases expanded")  # fmt: skip
+                    return False
+                continue
+            if nid in size:
+                continue
+            if nid in on_path:
+                line = node.start_mark.line + 1
+                self.err(source, line, key, "an alias refers to a node containing it (recursive)")
+                return False
+            line = node.start_mark.line + 1
+            if node.tag not in _SAFE_TAGS:
+                tag = _short_tag(node.tag)
+                if node.tag == "tag:yaml.org,2002:merge":
+                    self.err(source, line, key, "merge keys ('<<') are not supported")
+                elif isinstance(node, yaml.ScalarNode):
+                    self.err(source, line, key,
+                             f"unsupported YAML tag {tag} (quote {_clip(node.value)} if a string "
+                             "was meant)")  # fmt: skip
+                else:
+                    self.err(source, line, key, f"unsupported YAML tag {tag}")
+                ok = False
+                size[nid] = 1
+                continue
+            if isinstance(node, yaml.ScalarNode):
+                try:
+                    _value(node)
+                except Exception as e:  # ValueError, OverflowError, ConstructorError, ...
+                    msg = str(getattr(e, "problem", None) or e).splitlines()[0]
+                    self.err(source, line, key, f"bad {_tag_name(node)} {_clip(node.value)}: {msg}")
+                    ok = False
+                size[nid] = 1
+                continue
+            on_path.add(nid)
+            todo.append((node, key, True))
+            if isinstance(node, yaml.SequenceNode):
+                todo.extend((n, f"{key}[{i}]", False) for i, n in enumerate(node.value))
+            else:
+                for k, v in node.value:
+                    name = k.value if isinstance(k, yaml.ScalarNode) else "?"
+                    path = f"{key}.{name}" if key else name
+                    todo.extend(((k, path, False), (v, path, False)))
+        return ok
+
+    def _extends(
+        self, item: _Item, source: str, base_dir: Path, seen: tuple[str, ...]
+    ) -> _Layer | None:
+        """The layer of the file `item` names, or None (with the problem reported)."""
+        name = self._str(item)
+        if name is None:
+            return None
+        if "\0" in name:
+            self.at(item, f"bad file name {name!r} (NUL byte)")
+            return None
+        if len(seen) + 1 >= MAX_EXTENDS:  # each level is a recursion of _layer
+            self.at(item, f"extends chain longer than {MAX_EXTENDS} files")
+            return None
+        try:
+            base_path = (base_dir / name).resolve()
+            this = Path(source).resolve()
+        except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python 3.11)
+            self.at(item, f"cannot read {name!r}: {e}")
+            return None
+        if str(base_path) in seen or base_path == this:
+            self.at(item, f"extends cycle through {name!r}")
+            return None
+        try:
+            base_text = _read_text(base_path)
+        except _Unreadable as e:
+            if e.io:
+                self.at(item, f"cannot read {name!r}: {e.message}")
+            else:  # its content: reported in that file, like its other errors
+                self.err(str(base_dir / name), e.line, "", e.message)
+            return None
+        return self._layer(base_text, str(base_dir / name), base_path.parent, (*seen, str(this)))
 
     def _merge_rules(self, layer: _Layer, item: _Item) -> None:
         if not self._is(item, yaml.SequenceNode, "a list of rules"):
@@ -445,8 +702,12 @@ class _Parser:
                         sub, f"unknown list {s!r}{_suggest('$' + name, ['$' + k for k in lists])}"
                     )
                     continue
+                if not self._spend(len(lists[name]), sub):
+                    break
                 out.extend(lists[name])
             else:
+                if not self._spend(1, sub):
+                    break
                 out.append((s, sub))
         return out
 
@@ -508,11 +769,20 @@ class _Parser:
         redact: list[str] = []
         if "redact" in top:
             for s, it in self._strings(top["redact"], None):
-                try:
-                    re.compile(s)
+                problem = _regex_problem(s)
+                if problem:
+                    self.at(it, f"invalid regex {s!r}: {problem}")
+                else:
                     redact.append(s)
-                except re.error as e:
-                    self.at(it, f"invalid regex {s!r}: {e}")
+
+        on_guard_exit = "freeze"
+        if "on_guard_exit" in top:
+            v = self._scalar(top["on_guard_exit"])
+            if str(v).lower() in GUARD_EXIT_ACTIONS:
+                on_guard_exit = str(v).lower()
+            elif v is not None or isinstance(top["on_guard_exit"].node, yaml.ScalarNode):
+                self.at(top["on_guard_exit"], f"expected freeze or kill, got {v!r}"
+                        f"{_suggest(str(v).lower(), GUARD_EXIT_ACTIONS)}")
 
         rules: list[Rule] = []
         for raw in [*layer.rules.values(), *layer.unnamed]:
@@ -526,6 +796,7 @@ class _Parser:
         return Policy(
             version=1, rules=tuple(rules), mode=mode, workspace=workspace, default=default,
             flag_threshold=threshold, flag_window_s=window, ask=ask, redact=tuple(redact),
+            on_guard_exit=on_guard_exit,
             lists={k: v for k, v in plain.items() if k not in SPECIAL_LISTS},
             agent_config_files=plain.get("agent_config_files", ()),
             deny_write=plain.get("deny_write", ()), source=source, sources=tuple(layer.files),
@@ -549,13 +820,19 @@ class _Parser:
             if name in active:
                 self.at(item, f"list {name!r} refers to itself (via {' -> '.join(active)})")
                 return []
+            if len(active) >= MAX_DEPTH:  # resolve() recurses once per reference
+                self.at(item, f"list references nested deeper than {MAX_DEPTH} levels")
+                return []
             active.append(name)
             out: list[tuple[str, _Item]] = []
             for s, it in self._strings(item, None):
                 if s.startswith("$"):
                     ref = s[1:]
                     if ref in defs:
-                        out.extend(resolve(ref))
+                        spliced = resolve(ref)
+                        if not self._spend(len(spliced), it):
+                            break
+                        out.extend(spliced)
                     else:
                         self.at(it, f"unknown list {s!r}{_suggest(s, ['$' + k for k in defs])}")
                 else:
@@ -584,7 +861,10 @@ class _Parser:
     def _duration(self, item: _Item) -> float | None:
         v = self._scalar(item)
         seconds = parse_duration(v)
-        if seconds is None:
+        raw = _seconds(v)
+        if seconds is None and raw is not None and raw > MAX_DURATION_S:
+            self.at(item, f"duration {v!r} is too long (at most {MAX_DURATION_S / 86400:g} days)")
+        elif seconds is None:
             self.at(
                 item,
                 f"bad duration {v!r}: use a positive number of seconds or e.g. 500ms, 10s, 2m, 1h",
@@ -617,11 +897,14 @@ class _Parser:
         except GlobError as e:
             self.at(item, f"bad glob: {e}")
             return False
+        except (re.error, OverflowError, RecursionError) as e:  # what compile_glob lets through
+            self.at(item, f"bad glob {pattern!r}: {e}")
+            return False
         return True
 
     def _rule(self, raw: _RawRule, lists: dict, order: int) -> Rule | None:
         f = raw.fields
-        errors_before = len(self.issues)
+        errors_before = len(self.issues) + self.dropped
         name = self._str(f["name"]) if "name" in f else None
         if "enabled" in f:
             enabled = self._scalar(f["enabled"])
@@ -671,7 +954,8 @@ class _Parser:
         desc = ""
         if "description" in f:
             desc = self._str(f["description"]) or ""
-        if len(self.issues) > errors_before or name is None or verdict is None or match is None:
+        failed = len(self.issues) + self.dropped > errors_before
+        if failed or name is None or verdict is None or match is None:
             return None
         return Rule(
             name=name, kind=kind, match=match, verdict=verdict, reason=reason or desc,
@@ -697,14 +981,23 @@ class _Parser:
     def _template(self, item: _Item) -> str:
         text = self._str(item) or ""
         try:
-            fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+            fields = [(f, sp) for _, f, sp, _ in string.Formatter().parse(text) if f is not None]
         except ValueError as e:
             self.at(item, f"bad reason template: {e}")
             return ""
-        for fld in fields:
+        for fld, spec in fields:
             base = re.split(r"[.\[!:]", fld, maxsplit=1)[0]
             if base not in REASON_FIELDS:
                 self.at(item, f"unknown field {{{fld}}} in reason{_suggest(base, REASON_FIELDS)}")
+                return ""
+            if fld != base:
+                # `{pid[0]}` raises TypeError in the engine at decision time; attributes
+                # reach Python internals. Plain names are all a reason needs.
+                self.at(item, f"field {{{fld}}} in reason: only plain names like {{{base}}}")
+                return ""
+            if spec and ("{" in spec or re.search(r"[0-9]{4}", spec)):
+                # `{path:>999999999}` would build a 1 GB string for every decision.
+                self.at(item, f"format {spec!r} of {{{fld}}} in reason: nested or too wide")
                 return ""
         return text
 
@@ -728,16 +1021,21 @@ class _Parser:
         if "operands_not" in m:
             kw["operands_not"] = self._globs(m["operands_not"], lists)
         if "args_any" in m:
-            kw["args_any"] = tuple(s for s, _ in self._strings(m["args_any"], lists))
-            for s in kw["args_any"]:
-                re.compile(fnmatch.translate(s))  # fnmatch accepts any string
+            args = []
+            for s, it in self._strings(m["args_any"], lists):
+                problem = _regex_problem(fnmatch.translate(s))  # fnmatch accepts any string
+                if problem:
+                    self.at(it, f"bad pattern {s!r}: {problem}")
+                else:
+                    args.append(s)
+            kw["args_any"] = tuple(args)
         if "args_regex" in m:
             s = self._str(m["args_regex"])
-            try:
-                re.compile(s or "")
+            problem = _regex_problem(s or "")
+            if problem:
+                self.at(m["args_regex"], f"invalid regex {s!r}: {problem}")
+            else:
                 kw["args_regex"] = s
-            except re.error as e:
-                self.at(m["args_regex"], f"invalid regex {s!r}: {e}")
         if "flags" in m:
             flags = []
             for s, it in self._strings(m["flags"], lists):
@@ -778,7 +1076,7 @@ class _Parser:
         if "host" in m:
             hosts = []
             for s, it in self._strings(m["host"], lists):
-                if _HOST_RE.match(s) and not s.replace(".", "").isdigit():
+                if _valid_host(s):
                     hosts.append(s.lower().rstrip("."))
                 else:
                     self.at(it, f"bad host name {s!r} (no wildcards; IPs go in 'addr')")
@@ -800,7 +1098,8 @@ class _Parser:
     def _ports(self, item: _Item, lists: dict) -> tuple[tuple[int, int], ...]:
         out = []
         for s, it in self._strings(item, lists):
-            m = re.fullmatch(r"(\d+)(?:-(\d+))?", s.strip())
+            # ASCII digits, at most 5: int() of thousands of digits raises ValueError.
+            m = re.fullmatch(r"([0-9]{1,5})(?:-([0-9]{1,5}))?", s.strip())
             lo, hi = (int(m.group(1)), int(m.group(2) or m.group(1))) if m else (-1, -1)
             if not m or not (0 <= lo <= hi <= 65535):
                 self.at(it, f"bad port {s!r}: use 0-65535 or a range like 8000-8100")

@@ -15,8 +15,11 @@ from ebpf_guard.verdicts import Decision, Mode, Verdict
 
 @dataclass
 class ReplayResult:
+    """One policy's decisions over a recording; `torn` says where a torn recording stopped."""
+
     policy: Path
     decisions: list[Decision] = field(default_factory=list)
+    torn: str = ""
 
     @property
     def counts(self) -> Counter:
@@ -24,14 +27,16 @@ class ReplayResult:
 
 
 def replay(recording: Path, policies: list[Path], mode: Mode | None = None) -> list[ReplayResult]:
-    """Decisions of each policy over the same recording, event by event (same order)."""
+    """Decisions of each policy over the same recording, event by event (same order).
+
+    A torn recording is replayed up to the tear; each result's `torn` then says where."""
     header, items = read_recording(recording)
-    stream: list[Event | HostUpdate] = list(items)  # homes are filled into the header while reading
+    stream: list[Event | HostUpdate] = list(items)  # homes and torn are filled in while reading
     results = []
     for path in policies:
         engine = Engine(load_policy(path), workspace=header.workspace, home_of=header.homes.get,
                         mode=mode)
-        result = ReplayResult(path)
+        result = ReplayResult(path, torn=header.torn)
         for item in stream:
             if isinstance(item, HostUpdate):
                 engine.set_host_addresses(item.mapping)

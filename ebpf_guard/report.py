@@ -4,6 +4,8 @@ Everything in the log and the incident files came from the watched agent (paths,
 cmdlines) and is untrusted: the text renderer neutralises control characters (no terminal
 escapes), the HTML renderer escapes everything and loads nothing (a CSP forbids it anyway).
 Reading is tolerant: bad lines, unknown record types and missing fields are reported, not fatal.
+The hash chain is checked too (`main_report`): a broken chain is stated at the top of the report,
+and records the writer could not write (`unwritten_before`, see auditlog) are listed as gaps.
 """
 
 from __future__ import annotations
@@ -17,15 +19,23 @@ from typing import Any
 
 import orjson
 
+from ebpf_guard.auditlog import LOSS_KEY, VerifyResult, log_files, read_error, verify_log
+from ebpf_guard.files import read_regular
+
 VERDICT_ORDER = ("KILL", "HALT", "ASK", "FLAG", "SAFE")
 FORMATS = ("text", "json", "html")
 RECENT_SHOWN = 20  # recent events listed per incident
 MAX_INDENT = 20  # process-tree levels indented (a fork chain can be thousands deep)
-_KNOWN = {"type", "seq", "prev", "hash", "ts"}
+_KNOWN = {"type", "seq", "prev", "hash", "ts", LOSS_KEY}
 
 
 class ReportError(Exception):
-    """Bad input for a report (unknown format); one line for the user."""
+    """No report can be made (unknown format, log unreadable or not a log); one line for the
+    user. `damaged`: the log is there but is not a log (exit 4), else it cannot be read (1)."""
+
+    def __init__(self, message: str, *, damaged: bool = False) -> None:
+        super().__init__(message)
+        self.damaged = damaged
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -89,6 +99,23 @@ class Incident:
 
 
 @dataclass(slots=True)
+class Gap:
+    """Records the writer could not write (disk full, I/O error), as the log itself tells."""
+
+    ts: datetime | None
+    seq: int | None  # the record that carries the count (lost records came before it)
+    count: int
+    at_end: bool = False  # after the last record: only the head file knows (seq = last record)
+
+    @property
+    def text(self) -> str:
+        if self.at_end:
+            return (f"{self.count} records after seq {self.seq}, the last record (counted in the "
+                    "head file; nothing was written after them)")
+        return f"{self.count} records before seq {self.seq}"
+
+
+@dataclass(slots=True)
 class Report:
     sources: list[str]
     generated: datetime
@@ -102,7 +129,14 @@ class Report:
     incidents: list[Incident]
     done: list[Done]
     warnings: list[str]
+    gaps: list[Gap] = field(default_factory=list)
     chain: str = ""  # hash-chain check result, when the caller ran one
+    chain_ok: bool | None = None  # None: not checked
+
+    @property
+    def unwritten(self) -> int:
+        """Records that could NOT be written to the log (in the window shown)."""
+        return sum(g.count for g in self.gaps)
 
 
 # ---------------------------------------------------------------------------------------- build
@@ -120,7 +154,7 @@ def _read(paths: list[Path], warnings: list[str]) -> list[dict]:
     records: list[dict] = []
     for path in paths:
         try:
-            with open(path, "rb") as f:
+            with read_regular(path) as f:
                 for n, line in enumerate(f, 1):
                     if not line.strip():
                         continue
@@ -134,7 +168,7 @@ def _read(paths: list[Path], warnings: list[str]) -> list[dict]:
                     else:
                         warnings.append(f"{path.name}:{n}: not a JSON object, skipped")
         except OSError as e:
-            warnings.append(f"{path}: cannot read: {e.strerror or e}")
+            warnings.append(read_error(path, e))
     return records
 
 
@@ -340,8 +374,12 @@ def build_report(log_paths: list[Path], *, last_hours: float | None,
                  now: datetime | None = None) -> Report:
     """Summarise the records of `log_paths` (in chain order: oldest file first)."""
     now = now or datetime.now(timezone.utc)
-    since = now - timedelta(hours=last_hours) if last_hours is not None else None
+    try:
+        since = now - timedelta(hours=last_hours) if last_hours is not None else None
+    except OverflowError:
+        since = None  # a window reaching back past year 1 holds everything
     warnings: list[str] = []
+    gaps: list[Gap] = []
     verdicts: Counter[str] = Counter()
     rules: dict[str, Counter[str]] = defaultdict(Counter)
     timeline: list[Entry] = []
@@ -359,6 +397,9 @@ def build_report(log_paths: list[Path], *, last_hours: float | None,
         shown += 1
         if ts is not None:
             first, last = first or ts, ts
+        lost = rec.get(LOSS_KEY)
+        if type(lost) is int and lost > 0:
+            gaps.append(Gap(ts, rec.get("seq") if isinstance(rec.get("seq"), int) else None, lost))
         kind = _s(rec.get("type")) or "?"
         if kind != "verdict":
             done.append(_done(rec, kind, ts))
@@ -381,7 +422,7 @@ def build_report(log_paths: list[Path], *, last_hours: float | None,
         records=shown, verdicts=dict(sorted(verdicts.items(), key=lambda kv: _vkey(kv[0]))),
         rules={r: dict(sorted(c.items(), key=lambda kv: _vkey(kv[0])))
                for r, c in sorted(rules.items(), key=lambda kv: (-_worst(kv[1]), kv[0]))},
-        timeline=timeline, incidents=incidents, done=done, warnings=warnings,
+        timeline=timeline, incidents=incidents, done=done, warnings=warnings, gaps=gaps,
     )
 
 
@@ -431,6 +472,11 @@ def render_text(r: Report) -> str:
            f"Range:    {_range(r)}", f"Records:  {r.records}"]
     if r.chain:
         out.append(f"Chain:    {clean(r.chain)}")
+    if r.gaps:
+        out.append(f"Lost:     {r.unwritten} records could NOT be written to the log "
+                   "(disk full or I/O error): the counts below do not include them")
+        out.append(f"\nLog gaps ({len(r.gaps)}):")
+        out += [f"  {'end' if g.at_end else _when(g.ts):<19}  {clean(g.text)}" for g in r.gaps]
     out += ["", "Verdicts: " + (_counts(r.verdicts) or "none")]
     if r.rules:
         out.append("\nRules:")
@@ -480,7 +526,8 @@ def render_text(r: Report) -> str:
 
 # ----------------------------------------------------------------------------------------- json
 def render_json(r: Report) -> str:
-    return orjson.dumps(asdict(r), option=orjson.OPT_INDENT_2 | orjson.OPT_UTC_Z).decode()
+    doc = asdict(r) | {"unwritten": r.unwritten}
+    return orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_UTC_Z).decode()
 
 
 # ----------------------------------------------------------------------------------------- html
@@ -583,7 +630,13 @@ def render_html(r: Report) -> str:
          _td(d.text, "mono")]
         for d in r.done])
     warnings = "".join(f"<li>{_e(w)}</li>" for w in r.warnings)
-    chain = f"<br>Chain: <b>{_e(r.chain)}</b>" if r.chain else ""
+    broken = ' class="warn"' if r.chain_ok is False else ""
+    chain = f"<br>Chain: <b{broken}>{_e(r.chain)}</b>" if r.chain else ""
+    gaps = "".join(f"<li>{_e('end' if g.at_end else _when(g.ts))}: {_e(g.text)}</li>" for g in r.gaps)
+    if gaps:
+        gaps = (f'<h2>Log gaps</h2><div class="card warn"><b>{r.unwritten} records could NOT be '
+                "written to the log</b> (disk full or I/O error): the counts below do not include "
+                f"them.<ul>{gaps}</ul></div>")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
@@ -594,7 +647,7 @@ def render_html(r: Report) -> str:
 <p class="meta">Range: <b>{_e(_range(r))}</b> &middot; {r.records} records &middot;
 generated {_e(_when(r.generated))} UTC<br>
 Log: <span class="mono">{_e(", ".join(r.sources))}</span>{chain}</p>
-<h2>Verdicts</h2><div class="card bars">{bars or "no verdicts"}</div>
+{gaps}<h2>Verdicts</h2><div class="card bars">{bars or "no verdicts"}</div>
 <h2>Rules</h2>{rules if r.rules else "<p>none</p>"}
 <h2>Timeline ({len(r.timeline)} non-SAFE)</h2>{timeline if r.timeline else "<p>none</p>"}
 <h2>Incidents ({len(r.incidents)})</h2>{"".join(map(_html_incident, r.incidents)) or "<p>none</p>"}
@@ -608,17 +661,39 @@ Log: <span class="mono">{_e(", ".join(r.sources))}</span>{chain}</p>
 RENDERERS = {"text": render_text, "json": render_json, "html": render_html}
 
 
-def main_report(log: Path, last_hours: float | None, fmt: str) -> str:
-    """The `ebpf-guard report` command: `log` and its rotated predecessors, rendered as `fmt`."""
-    from ebpf_guard.auditlog import log_files, verify_log
+@dataclass(slots=True)
+class Rendered:
+    """A rendered report and the chain check behind it (the CLI's exit status follows it)."""
 
+    text: str
+    check: VerifyResult
+
+
+def main_report(log: Path, last_hours: float | None, fmt: str,
+                now: datetime | None = None) -> Rendered:
+    """The `ebpf-guard report` command: `log` and its rotated predecessors, rendered as `fmt`.
+
+    Raises ReportError when there is nothing to report from: the log cannot be read at all, or
+    is no log file (a directory). A broken chain is rendered, and stated, not raised."""
     if fmt not in RENDERERS:
         raise ReportError(f"unknown report format {fmt!r} (one of: {', '.join(FORMATS)})")
-    report = build_report(log_files(log) or [log], last_hours=last_hours)
+    check = verify_log(log)
+    if check.unreadable:
+        raise ReportError(check.problem)
     try:
-        result = verify_log(log)
-        ok = f"intact ({result.records} records)"
-        report.chain = ok if result.ok else f"BROKEN: {result.problem}"
-    except Exception as e:  # noqa: BLE001 - the report is still useful without the check
-        report.chain = f"not checked ({type(e).__name__}: {e})"
-    return RENDERERS[fmt](report)
+        files = [f for f in log_files(log) if not f.is_dir()]
+    except OSError as e:
+        raise ReportError(read_error(log, e)) from None
+    if not files:
+        raise ReportError(check.problem, damaged=True)
+    report = build_report(files, last_hours=last_hours, now=now)
+    report.chain_ok = check.ok
+    if check.ok:
+        report.chain = f"intact ({check.records} records)"
+    else:
+        distrust = (f"; records from seq {check.first_bad_seq} on cannot be trusted"
+                    if check.first_bad_seq is not None else "")
+        report.chain = f"BROKEN: {check.problem}{distrust}"
+    if check.unwritten_at_end:
+        report.gaps.append(Gap(None, check.last_seq, check.unwritten_at_end, at_end=True))
+    return Rendered(RENDERERS[fmt](report), check)

@@ -29,6 +29,7 @@ from .events import (
     F_NO_PROC,
     F_PATH_TRUNC,
     KIND_CODES,
+    MAX_ARGS,
     MAX_CGROUPS,
     NAME_LEN,
     NOTE_HELD,
@@ -62,6 +63,11 @@ class SensorError(Exception):
     """The sensor cannot start or run; one line for the user."""
 
 
+class DecodeError(ValueError):
+    """A raw record that cannot be an event of bpf/events.h (too short, or a length or count
+    out of range). `poll()` counts such records in `SensorStats.bad` and goes on."""
+
+
 @dataclass
 class SensorStats:
     events: int = 0  # events decoded and returned
@@ -69,6 +75,7 @@ class SensorStats:
     lost_bulk: int = 0  # samples the kernel dropped: bulk buffer full
     unresolved: int = 0  # events whose relative path could not be made absolute
     pending: int = 0  # read from the kernel, held back by the time cut (see poll)
+    bad: int = 0  # records that could not be decoded (DecodeError): dropped
 
     @property
     def lost(self) -> int:
@@ -444,7 +451,8 @@ class Sensor:
     def _take(self, cut: int | None) -> list[Event]:
         raw, self._raw = self._raw, []
         unpack = _HDR.unpack_from
-        batch = [(unpack(r), r) for r in raw]
+        batch = [(unpack(r), r) for r in raw if len(r) >= _HDR_SIZE]
+        self._stats.bad += len(raw) - len(batch)
         if self._pending:
             batch = self._pending + batch
             self._pending = []
@@ -456,7 +464,11 @@ class Sensor:
         decode = self._decode
         out = []
         for h, r in batch:
-            ev = decode(h, r)
+            try:
+                ev = decode(h, r)
+            except DecodeError:
+                self._stats.bad += 1  # one bad record must not stop the loop
+                continue
             if ev is not None:
                 out.append(ev)
         self._stats.events += len(out)
@@ -468,11 +480,24 @@ class Sensor:
 
     # -- decoding ------------------------------------------------------------------------
 
+    def decode(self, record: bytes) -> Event | None:
+        """One raw perf-buffer record as the kernel wrote it -> Event, or None for a kind
+        this version does not know. Raises DecodeError for a record that cannot be one.
+        Needs no kernel (tests feed it bytes), but updates the process model like poll()."""
+        if len(record) < _HDR_SIZE:
+            raise DecodeError(f"record of {len(record)} bytes, shorter than the header")
+        return self._decode(_HDR.unpack_from(record), record)
+
     def _decode(self, hdr: tuple, r: bytes) -> Event | None:
         (ts, cgid, start, ret, pid, tgid, ppid, uid, code, flags, fd, sc_flags, child, plen,
          comm_b) = hdr  # fmt: skip
+        # Every kind has path_len <= PATH_LEN and the bytes it counts (0 for non-path kinds).
+        if plen > PATH_LEN or len(r) < _PATH_OFF + plen:
+            raise DecodeError(f"path_len {plen} does not fit a record of {len(r)} bytes")
         comm = self._comms.get(comm_b)
         if comm is None:
+            if len(self._comms) >= 4096:  # a process can rename itself at will: bound it
+                self._comms.clear()
             comm = self._comms[comm_b] = _text(comm_b)
         model = self._model
         if code == _OPEN and not flags & (F_NO_PROC | F_PATH_TRUNC):
@@ -553,6 +578,8 @@ class Sensor:
                     if flags & F_HELD:
                         notes.append(NOTE_HELD)
         elif kind is Kind.CONNECT:
+            if len(r) < _CONN_UNIX_OFF:
+                raise DecodeError(f"connect record of {len(r)} bytes")
             family, port, addrlen, addr = _CONN.unpack_from(r, _CONN_OFF)
             ev.family = _FAMILIES.get(family, str(family))
             ev.port = socket.ntohs(port)
@@ -579,7 +606,12 @@ class Sensor:
 
     @staticmethod
     def _decode_argv(ev: Event, r: bytes) -> None:
+        if len(r) < _EXEC_ARGV_OFF:
+            raise DecodeError(f"exec record of {len(r)} bytes")
         (argc,) = _EXEC_ARGC.unpack_from(r, _EXEC_ARGC_OFF)
+        if argc > MAX_ARGS or len(r) < _EXEC_ARGV_OFF + argc * ARG_LEN:
+            # Unchecked, a corrupt argc of 2**32-1 would build billions of empty arguments.
+            raise DecodeError(f"exec record of {len(r)} bytes with argc {argc}")
         args = []
         for i in range(argc):
             off = _EXEC_ARGV_OFF + i * ARG_LEN
@@ -588,6 +620,8 @@ class Sensor:
 
     def _learn_proc(self, tgid: int, st: ProcState) -> None:
         """Tell the kernel what /proc told us, so later events carry ppid/start_ns."""
+        if self._bpf is None:
+            return  # decode() on recorded bytes, no kernel attached: nobody to tell
         procs = self._require()[b"procs"]
         leaf = procs.Leaf()
         leaf.ppid, leaf.start_ns = st.ppid, st.start_ns

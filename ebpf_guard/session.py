@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import pwd
+import signal
 import subprocess
 import sys
 import threading
@@ -21,7 +22,10 @@ from pathlib import Path
 
 from ebpf_guard import cgroups, host
 from ebpf_guard.policy import Policy
+from ebpf_guard.runtime.watchdog import Watchdog, WatchdogError
 from ebpf_guard.verdicts import Mode, Verdict
+
+INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class SessionError(Exception):
@@ -51,11 +55,51 @@ class SessionOptions:
     workspace: str
 
 
+@dataclass
+class Interrupts:
+    """Owns SIGINT, SIGTERM and SIGHUP for a `run` or `watch` session: counts them.
+
+    During setup the first one raises KeyboardInterrupt (raising is how setup is undone); after
+    `setup_done()` they are only counted and the loop ends at its next step; after `finishing()`
+    they are ignored. So nothing is ever raised inside a bcc perf-buffer callback or during
+    cleanup, however many arrive.
+    """
+
+    count: int = 0
+    raising: bool = True
+
+    def install(self) -> Interrupts:
+        for sig in INTERRUPT_SIGNALS:
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.count += 1
+        if self.raising:
+            self.raising = False  # once: undoing the setup must not be interrupted in turn
+            raise KeyboardInterrupt
+
+    def setup_done(self) -> None:
+        self.raising = False
+        if self.count:  # one arrived, but setup swallowed the KeyboardInterrupt: still obey it
+            raise KeyboardInterrupt
+
+    def finishing(self) -> bool:
+        """The loop (or setup) is over: ignore further signals, so cleanup completes even when
+        they arrive during interpreter exit (Python then resets its handlers to the default,
+        which kills). True if one ended the loop."""
+        for sig in INTERRUPT_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        return self.count > 0
+
+
 class Session:
-    """Everything `watch` and `run` share: policy, engine, sensor, log, actuator, guard."""
+    """Everything `watch` and `run` share: policy, engine, sensor, log, actuator, guard, and the
+    watchdog that fails closed if this process dies (given by the caller, to exit last)."""
 
     def __init__(self, opts: SessionOptions, stack: ExitStack, *, cgroup: Path | None,
-                 policy: Policy, pids: tuple[int, ...] = (), prompt_tty: bool = False) -> None:
+                 policy: Policy, pids: tuple[int, ...] = (), prompt_tty: bool = False,
+                 watchdog: Watchdog | None = None) -> None:
         from ebpf_guard.actuator import Actuator
         from ebpf_guard.approvals import ApprovalDesk, ApprovalError
         from ebpf_guard.auditlog import DEFAULT_LOG, AuditLogError, VerdictLog
@@ -80,13 +124,29 @@ class Session:
         except AuditLogError as e:
             raise SessionError(f"cannot open the verdict log: {e}") from None
         stack.callback(self.log.close)
-        out_file = stack.enter_context(open(opts.output_path, "wb")) if opts.output_path else None
+        incidents_dir = opts.incidents_dir or log_path.parent / "incidents"
+        try:  # now, not at the first incident: evidence that cannot be written is said up front
+            incidents_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not os.access(incidents_dir, os.W_OK | os.X_OK):
+                raise PermissionError(13, "not writable")
+        except OSError as e:
+            raise SessionError(f"cannot use --incidents {incidents_dir}: {e.strerror or e}") from None
+        try:  # before anything is attached: an unwritable path is one line, not a traceback
+            out_file = open(opts.output_path, "wb") if opts.output_path else None
+        except OSError as e:
+            raise SessionError(f"cannot write --output {opts.output_path}: {e.strerror or e}") from None
         self.printer = Printer(redactor=redactor, json=opts.json_out, file=out_file,
                                quiet=opts.quiet)
+        stack.callback(self.printer.close)  # also says how often the last status line repeated
         recorder = None
         if opts.record_path:
-            recorder = Recorder(opts.record_path, policy=opts.policy_path, workspace=opts.workspace,
-                                mode=self.engine.mode.value, redactor=redactor)
+            try:
+                recorder = Recorder(opts.record_path, policy=opts.policy_path,
+                                    workspace=opts.workspace, mode=self.engine.mode.value,
+                                    redactor=redactor, warn=self.printer.message)
+            except OSError as e:
+                raise SessionError(f"cannot write --record {opts.record_path}: "
+                                   f"{e.strerror or e}") from None
             stack.callback(recorder.close)
         self.recorder = recorder
         self.cgroup = cgroup
@@ -103,6 +163,16 @@ class Session:
             # Ours to clean up: `run` owns its processes (remove kills what is left); `watch`
             # gives the watched ones back untouched.
             stack.callback(freezer.remove if prompt_tty else freezer.release)
+        session_name = f"{'run' if prompt_tty else 'watch'}-{os.getpid()}"
+        # Started now so that its start-up overlaps the attach; armed at the end of setup.
+        self.watchdog = watchdog if watchdog is not None else stack.enter_context(Watchdog())
+        # Audit mode enforces nothing, not even then: the watchdog only logs the guard's death.
+        self.on_guard_exit = "none" if self.engine.mode is Mode.AUDIT else policy.on_guard_exit
+        try:
+            self.watchdog.start(action=self.on_guard_exit, log=log_path, freezer=freezer,
+                                cgroup=cgroup, session=session_name)
+        except WatchdogError as e:
+            raise SessionError(str(e)) from None
         self.actuator = Actuator(cgroup, freezer=freezer, mode=self.engine.mode)
         self.sensor = Sensor(cgroups=[cgroup] if cgroup else [], pids=pids)
         t0 = time.monotonic()
@@ -130,20 +200,27 @@ class Session:
         try:
             # The channel for ASK answers from `ebpf-guard approve|deny` (root-only unix socket);
             # `run` on a terminal also takes y/n/a/b keys inline.
-            desk = ApprovalDesk(session=f"{'run' if prompt_tty else 'watch'}-{os.getpid()}",
+            desk = ApprovalDesk(session=session_name,
                                 tty=sys.stdin if prompt_tty and sys.stdin.isatty() else None)
         except ApprovalError as e:
             raise SessionError(f"cannot open the approvals socket: {e}") from None
         stack.callback(desk.close)
         self.guard = Guard(desk=desk, engine=self.engine, actuator=self.actuator, log=self.log, printer=self.printer,
                            cgroup=cgroup, home_of=home_of, recorder=recorder, log_all=opts.log_all,
-                           incidents_dir=opts.incidents_dir or log_path.parent / "incidents")
+                           incidents_dir=incidents_dir)
+        try:
+            notes.append(self.watchdog.arm())  # before the start record: a started session is guarded
+        except WatchdogError as e:
+            raise SessionError(str(e)) from None
         for note in filter(None, [*notes, freeze_note]):
             self.printer.message(note)
         self.log_path = log_path
         self.guard.note({"type": "session", "event": "start", "policy": str(opts.policy_path),
                          "mode": self.engine.mode.value, "workspace": opts.workspace,
                          "cgroup": str(cgroup) if cgroup else None, "pids": list(pids),
+                         "freezer": str(freezer.path) if freezer else None,
+                         "watchdog": self.watchdog.proc.pid if self.watchdog.proc else None,
+                         "on_guard_exit": self.on_guard_exit,
                          "attach_ms": round(self.attach_s * 1000, 1)})
         # Last: "attached" means the loop can start now.
         self.printer.message(
@@ -173,17 +250,21 @@ class Session:
 
     def report(self, headline: str) -> None:
         s, stats = self.guard.summary, self.sensor.stats
+        self.guard.note({"type": "session", "event": "end", "summary": headline,
+                         "counts": {v.value: s.counts.get(v, 0) for v in Verdict},
+                         "events": s.events, "lost": stats.lost, "actions": s.actions})
+        # Said after the end record was tried: it may be one of the records lost.
+        unwritten = self.log.unwritten_total
         counts = ", ".join(f"{s.counts.get(v, 0)} {v.value}" for v in Verdict)
         done = "; ".join(s.actions) if s.actions else "nothing was done"
         lost = (f"{stats.lost} events LOST (urgent {stats.lost_urgent}, bulk {stats.lost_bulk})"
                 if stats.lost else "no events lost")
-        text = (f"{headline} {s.events} events: {counts}. Actions: {done}. {lost}. "
-                f"Verdict log: {self.log_path}.")
+        text = (f"{headline} {s.events} events: {counts}. "
+                + (f"{unwritten} records could NOT be written to the verdict log. " if unwritten
+                   else "")
+                + f"Actions: {done}. {lost}. Verdict log: {self.log_path}.")
         if s.incidents:
             text += f" Incidents: {', '.join(s.incidents)}."
-        self.guard.note({"type": "session", "event": "end", "summary": headline,
-                         "counts": {v.value: s.counts.get(v, 0) for v in Verdict},
-                         "events": s.events, "lost": stats.lost, "actions": s.actions})
         self.printer.message(text)
 
 

@@ -315,15 +315,28 @@ def test_disk_full_raises_and_leaves_log_consistent(tmp_path: Path, monkeypatch)
         with pytest.raises(AuditLogError, match="No space left"):
             vl.append({"type": "t"})
 
+        calls = []
+
         def short(fd: int, data: bytes) -> int:
-            return real_write(fd, data[:10])  # a partial line hits the disk
+            calls.append(len(data))
+            if len(calls) == 1:
+                return real_write(fd, data[:10])  # a partial line hits the disk...
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # ...and the disk is full
 
         monkeypatch.setattr(auditlog.os, "write", short)
+        with pytest.raises(AuditLogError, match="No space left"):  # the reason, not "short write"
+            vl.append({"type": "t"})
+        assert len(calls) == 2
+
+        monkeypatch.setattr(auditlog.os, "write", lambda fd, data: 0)
         with pytest.raises(AuditLogError, match="short write"):
             vl.append({"type": "t"})
         monkeypatch.setattr(auditlog.os, "write", real_write)
-        assert vl.append({"type": "t"})["seq"] == 2  # the partial line was cut off again
-    assert verify_log(path) == auditlog.VerifyResult(True, 2)
+        rec = vl.append({"type": "t"})
+        assert rec["seq"] == 2  # the partial line was cut off again
+        assert rec["unwritten_before"] == 3 and vl.unwritten_total == 3  # the loss is told
+    res = verify_log(path)
+    assert res.ok and res.records == 2 and res.unwritten == 3
 
 
 def test_dev_full(tmp_path: Path) -> None:
@@ -635,3 +648,152 @@ def test_any_single_tamper_is_detected(notes, max_bytes, tamper, data) -> None:
         if tamper in ("edit", "flip", "delete", "swap", "truncate"):
             assert res.first_bad_seq == k, (tamper, k, res)
         assert res.problem
+
+
+# -- issue #7: loss on a really full disk, counted and carried -------------------------------
+
+
+def _fill_up(path: Path) -> None:
+    """Zeros into `path` until its filesystem is full."""
+    with open(path, "wb", buffering=0) as f:
+        while True:
+            try:
+                f.write(b"\0" * 4096)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+                return
+
+
+def _append_until_lost(vl: VerdictLog, lost_wanted: int) -> int:
+    """Appends until `lost_wanted` appends failed; returns how many were written meanwhile (the
+    log's last page takes a few more records before the first failure)."""
+    written = lost = 0
+    while lost < lost_wanted:
+        try:
+            vl.append({"type": "test", "pad": "x" * 200})
+            written += 1
+        except AuditLogError as e:
+            # Also when part of the line still fitted (it is cut off again): the real reason.
+            assert "No space left on device" in str(e)
+            lost += 1
+    return written
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts a tmpfs)")
+def test_full_tmpfs_loses_records_counts_them_and_the_log_says_so(tmp_path: Path) -> None:
+    import subprocess
+
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], check=True)
+    try:
+        path, filler = mnt / "v.jsonl", mnt / "filler"
+        with VerdictLog(path) as vl:
+            vl.append({"type": "session", "event": "start"})
+            _fill_up(filler)
+            written = 1 + _append_until_lost(vl, 40)
+            assert vl.unwritten_total == 40 and vl.seq == written
+            filler.unlink()  # space again: the next record carries the count
+            rec = vl.append({"type": "test"})
+            assert rec["seq"] == written + 1 and rec["unwritten_before"] == 40
+            assert "unwritten_before" not in vl.append({"type": "test"})
+            _fill_up(filler)
+            written = vl.seq + _append_until_lost(vl, 25)
+            assert vl.unwritten_total == 65
+        # The session ended on a full disk: no record carries the last 25, the head file does
+        # (rewritten in place, which needs no new block).
+        res = verify_log(path)
+        assert res.ok and res.records == written, res
+        assert (res.unwritten, res.unwritten_at_end) == (65, 25)
+        lost = [n for n in res.notes if "could NOT be written" in n]
+        assert len(lost) == 2 and "40 records before it" in lost[0]
+        assert f"25 records after seq {written}" in lost[1]
+        filler.unlink()
+        with VerdictLog(path) as vl:  # the next session's first record carries them
+            assert vl.append({"type": "session", "event": "start"})["unwritten_before"] == 25
+            assert vl.unwritten_total == 0  # lost by the session before, not by this one
+        res = verify_log(path)
+        assert res.ok and (res.unwritten, res.unwritten_at_end) == (65, 0)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+# -- issue #7: property: the verifier never raises and never passes a damaged log ------------
+
+VERIFY_EXAMPLES = 1000  # README "What is lost, and how you are told" cites this number
+
+
+@pytest.fixture(scope="module")
+def rotated_log() -> dict[str, bytes]:
+    """A valid log in several rotated files, with one record lost in the middle and one at the
+    end (so the head file carries a loss count too): file name -> bytes."""
+    import errno as errno_
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(errno_.ENOSPC, os.strerror(errno_.ENOSPC))
+
+    with tempfile.TemporaryDirectory() as d, pytest.MonkeyPatch.context() as mp:
+        path = Path(d) / "verdicts.jsonl"
+        with VerdictLog(path, max_bytes=700) as vl:
+            for i in range(12):
+                vl.append({"type": "test", "n": i, "note": "é" * (i % 3)})
+                if i == 4:
+                    mp.setattr(auditlog.os, "write", full)
+                    with pytest.raises(AuditLogError):
+                        vl.append({"type": "test", "n": -1})
+                    mp.undo()
+            with pytest.raises(AuditLogError):  # lost before any byte is written: no rotation
+                vl.append({"type": "test", "n": object()})
+        files = {f.name: f.read_bytes() for f in [*log_files(path), head_path(path)]}
+        res = verify_log(path)
+    assert res.ok and (res.unwritten, res.unwritten_at_end) == (2, 1), res
+    assert len(files) >= 4 and all(files.values())
+    return files
+
+
+def test_verifier_never_raises_and_never_passes_a_truncated_or_edited_log(rotated_log) -> None:
+    from collections import Counter
+
+    from click.testing import CliRunner
+
+    from ebpf_guard.cli import main
+
+    runner = CliRunner()
+    names = sorted(rotated_log)
+    runs: Counter[str] = Counter()
+
+    @settings(max_examples=VERIFY_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(data=st.data())
+    def check(data) -> None:
+        files = dict(rotated_log)
+        kind = data.draw(st.sampled_from(["truncate", "delete", "edit"]), label="kind")
+        if kind == "truncate":
+            name = data.draw(st.sampled_from(names), label="file")
+            files[name] = files[name][: data.draw(st.integers(0, len(files[name]) - 1), label="at")]
+        elif kind == "delete":
+            del files[data.draw(st.sampled_from(names), label="file")]
+        else:
+            for _ in range(data.draw(st.integers(1, 3), label="edits")):
+                name = data.draw(st.sampled_from(names), label="file")
+                b = bytearray(files[name])
+                b[data.draw(st.integers(0, len(b) - 1), label="pos")] = data.draw(st.integers(0, 255))
+                files[name] = bytes(b)
+        with tempfile.TemporaryDirectory() as d:
+            for name, content in files.items():
+                (Path(d) / name).write_bytes(content)
+            path = Path(d) / "verdicts.jsonl"
+            res = verify_log(path)  # raising here fails the property
+            cli = runner.invoke(main, ["verify", str(path)])
+        assert cli.exception is None or isinstance(cli.exception, SystemExit), repr(cli.exception)
+        if files == rotated_log:  # edits that put back what was there
+            runs["identical"] += 1
+            assert res.ok and cli.exit_code == 0, res
+            return
+        runs[kind] += 1
+        assert not res.ok and res.problem and not res.unreadable, (kind, res)
+        assert cli.exit_code == 4, cli.output
+
+    check()
+    total = sum(runs.values())
+    print(f"\nverifier property: {total} examples ({dict(runs)}): 0 raised, 0 damaged logs passed")
+    assert total == VERIFY_EXAMPLES and runs["truncate"] and runs["delete"] and runs["edit"]

@@ -9,6 +9,7 @@ import select
 import subprocess
 import termios
 import textwrap
+import time
 from pathlib import Path
 
 import orjson
@@ -187,7 +188,7 @@ def test_report_and_verify_of_a_real_run(tmp_cgroup, tmp_path, ws, outside):
     lines[1] = lines[1].replace(b"write-outside-workspace", b"write-inside-workspace!")
     log.write_bytes(b"".join(lines))
     bad = guard("verify", str(log))
-    assert bad.returncode == 1 and "seq 2" in bad.stderr
+    assert bad.returncode == 4 and "seq 2" in bad.stderr  # EXIT_DAMAGED
 
 
 def test_rotated_log_of_a_real_run_verifies_across_files(tmp_cgroup, tmp_path, ws):
@@ -200,7 +201,7 @@ def test_rotated_log_of_a_real_run_verifies_across_files(tmp_cgroup, tmp_path, w
     ok = guard("verify", str(log))
     assert ok.returncode == 0 and "chain intact" in ok.stdout
     rotated[0].unlink()  # losing the oldest file is a deletion, and is reported
-    assert guard("verify", str(log)).returncode == 1
+    assert guard("verify", str(log)).returncode == 4  # EXIT_DAMAGED
 
 
 def test_halt_and_ask_together_resume_waits_for_the_answer(tmp_cgroup, tmp_path, ws, outside):
@@ -260,3 +261,65 @@ def test_run_on_a_terminal_asks_inline(tmp_cgroup, tmp_path, ws):
     assert marker.read_text() == "curl=0\n"
     (rec,) = records(log, "approval")
     assert rec["via"] == "tty" and rec["decision"] == "allow"
+
+
+def test_full_disk_loss_is_counted_told_once_and_carried(tmp_cgroup, tmp_path, ws):
+    """Issue #7: the verdict log on a small tmpfs that fills up mid-run. Every record that could
+    not be written is counted: the end-of-session summary says how many, the first record written
+    once there is space again carries the count, verify and report show it; stderr tells the
+    error once and counts the repeats instead of printing each."""
+    import re
+
+    logdir = tmp_path / "tiny"
+    logdir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(logdir)], check=True)
+    try:
+        go, again, log = tmp_path / "go", tmp_path / "again", logdir / "v.jsonl"
+        code = f"""
+            import os, time
+            while not os.path.exists({str(go)!r}): time.sleep(0.001)
+            for _ in range(300):
+                open("/etc/hostname").read()
+            while not os.path.exists({str(again)!r}): time.sleep(0.001)
+            for _ in range(20):
+                open("/etc/hostname").read()
+        """
+        with GuardRun(tmp_cgroup, log, agent(code), mode="audit", workspace=ws, extra=("--log-all",)) as run:
+            cg = run.cgroup()
+            wait_for(lambda: records(log, "session"), timeout=30)
+            subprocess.run(["dd", "if=/dev/zero", f"of={logdir / 'filler'}", "bs=4k"], capture_output=True)
+            go.touch()
+            assert cgroups.wait_frozen(cg, 20), "agent not frozen after the log failed (fail-closed)"
+
+            def lost_so_far() -> int:  # the head file counts them as they happen
+                return orjson.loads((logdir / "v.jsonl.head").read_bytes()).get("unwritten", 0)
+
+            # The guard is still deciding what the agent did before it froze: let it finish.
+            counts = [-1]
+            while counts[-1] <= 0 or counts[-1] != counts[-2]:
+                assert len(counts) < 40, counts
+                time.sleep(0.5)
+                counts.append(lost_so_far())
+            (logdir / "filler").unlink()
+            again.touch()
+            assert guard("resume", "--cgroup", str(cg)).returncode == 0
+            assert run.wait() == 120, run.err  # fail-closed froze it once
+        everything = [orjson.loads(line) for line in log.read_bytes().splitlines()]
+        carried = [r["unwritten_before"] for r in everything if "unwritten_before" in r]
+        lost = sum(carried)
+        assert lost > 0 and len(carried) == 1  # one episode: told by the first record after it
+        end = everything[-1]
+        assert end["type"] == "session" and end["event"] == "end"
+        # Nothing is unaccounted for: every event decided is a verdict record, or counted lost.
+        assert len(records(log)) + lost == end["events"]
+        assert f"{lost} records could NOT be written to the verdict log" in run.err
+        told = [line for line in run.err.splitlines() if "cannot write the verdict log" in line]
+        repeats = sum(int(n) for n in re.findall(r"\(last message repeated (\d+) more times?\)", run.err))
+        assert len(told) == 1 and "No space left on device" in told[0] and "fail-closed" in told[0]
+        assert len(told) + repeats == lost, run.err
+        v = guard("verify", str(log))
+        assert v.returncode == 0 and f"{lost} records could NOT be written" in v.stdout
+        r = guard("report", str(log))
+        assert r.returncode == 0 and f"Lost:     {lost} records could NOT be written" in r.stdout
+    finally:
+        subprocess.run(["umount", "-l", str(logdir)], check=False)

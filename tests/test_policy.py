@@ -265,12 +265,12 @@ rules:
 
 def test_yaml_syntax_error_and_duplicate_keys(tmp_path: Path) -> None:
     assert errors_of(tmp_path, "version: 1\nrules: [\n  - name: x\n") == [
-        "3: : YAML syntax error: expected the node content, but found '-'"
+        "3: YAML syntax error: expected the node content, but found '-'"
     ]
     assert errors_of(tmp_path, "version: 1\nmode: audit\nmode: enforce\n") == [
         "3: mode: duplicate key 'mode'"
     ]
-    assert errors_of(tmp_path, "- version: 1\n") == ["1: : a policy must be a mapping of keys"]
+    assert errors_of(tmp_path, "- version: 1\n") == ["1: a policy must be a mapping of keys"]
     assert errors_of(tmp_path, "") == ["1: version: empty policy: missing required key 'version'"]
 
 

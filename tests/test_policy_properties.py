@@ -1,14 +1,16 @@
-"""Property tests for the pure matching layer: path normalisation and globs."""
+"""Property tests for the pure matching layer (path normalisation, globs) and policy value checks."""
 
 from __future__ import annotations
 
 import fnmatch
 import posixpath
+import re
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ebpf_guard.matchers import PathIndex, expand_vars, glob_match, normalize_path
+from ebpf_guard.policy import MAX_DURATION_S, _valid_host, parse_duration
 
 NAME = st.text(alphabet="abc.-_", min_size=1, max_size=4)
 SEGMENT = st.one_of(NAME, st.sampled_from(["", ".", "..", "..."]))
@@ -115,3 +117,30 @@ def test_expanded_variables_are_literal(segs: list[str]) -> None:
     assert glob_match(pattern, home + "/.ssh/id")
     assert glob_match(pattern, home + "/.ssh")
     assert not glob_match(pattern, home + "x/.ssh/id")
+
+
+# The host-name and duration checks were rewritten to stop catastrophic backtracking
+# (issue #7); on inputs short enough for the old regexes to finish, they must agree.
+_OLD_HOST_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.?)+$")
+_OLD_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+
+
+@given(st.text(alphabet="ab1-_.!", max_size=14))
+def test_host_check_agrees_with_the_old_regex(name: str) -> None:
+    old = bool(_OLD_HOST_RE.match(name)) and not name.replace(".", "").isdigit()
+    if _valid_host(name):
+        assert old
+    elif old:
+        # The one difference: the old regex read "a_" as two labels "a" and "_" (and a
+        # 100-character label as two); a label must now end in a letter or digit.
+        labels = (name[:-1] if name.endswith(".") else name).split(".")
+        assert any(len(label) > 1 and label[-1] == "_" for label in labels)
+
+
+@given(st.text(alphabet="0123456789. smhx\t", max_size=14))
+def test_duration_parsing_agrees_with_the_old_regex(text: str) -> None:
+    m = _OLD_DURATION_RE.match(text)
+    old = float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[m.group(2)] if m else None
+    if old is not None and not 0 < old <= MAX_DURATION_S:
+        old = None  # out of range: refused by both, the new one says why
+    assert parse_duration(text) == old

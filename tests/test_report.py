@@ -180,7 +180,7 @@ def test_rotated_logs_are_read_in_chain_order(tmp_path: Path) -> None:
     assert r.verdicts == {"KILL": 1, "HALT": 1, "ASK": 1, "FLAG": 2, "SAFE": 4}
     seqs = [e.seq for e in r.timeline]
     assert seqs == sorted(seqs) and len(seqs) == 5
-    doc = orjson.loads(main_report(path, None, "json"))
+    doc = orjson.loads(main_report(path, None, "json").text)
     assert doc["verdicts"]["SAFE"] == 4 and doc["chain"].startswith("intact")
     assert len(doc["sources"]) == len(log_files(path))
 
@@ -251,8 +251,8 @@ def test_html_is_self_contained_and_escaped(log_path: Path) -> None:
 
 
 def test_main_report_formats(log_path: Path) -> None:
-    assert "Timeline (5 non-SAFE)" in main_report(log_path, None, "text")
-    assert main_report(log_path, None, "html").startswith("<!DOCTYPE html>")
+    assert "Timeline (5 non-SAFE)" in main_report(log_path, None, "text").text
+    assert main_report(log_path, None, "html").text.startswith("<!DOCTYPE html>")
     with pytest.raises(Exception, match="unknown report format"):
         main_report(log_path, None, "pdf")
 
@@ -313,3 +313,70 @@ def test_html_renders_in_headless_chromium(log_path: Path, tmp_path: Path) -> No
     assert len(colours) > 50, f"looks blank: {len(colours)} colours"
     halt_red, kill_red = bytes.fromhex("c62828"), bytes.fromhex("6a1b1b")
     assert halt_red in colours and kill_red in colours  # the verdict bars were painted
+
+
+# ------------------------------------------------------ issue #7: damage and loss, stated plainly
+def _loses(log: VerdictLog, n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """n appends fail the way a full disk fails them."""
+    import errno
+    import os
+
+    from ebpf_guard import auditlog
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as m:
+        m.setattr(auditlog.os, "write", full)
+        for _ in range(n):
+            with pytest.raises(auditlog.AuditLogError):
+                log.append({"type": "verdict", "verdict": "SAFE"})
+
+
+def test_report_shows_records_that_could_not_be_written(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "verdicts.jsonl"
+    with VerdictLog(path) as log:
+        log.append({"type": "session", "ts": iso(NOW), "event": "start"})
+        _loses(log, 7, monkeypatch)
+        add_verdict(log, NOW, "FLAG", "read-env", ev("open", 5, "cat", path="/w/.env"), action="logged")
+        _loses(log, 3, monkeypatch)  # lost at the very end: only the head file knows
+    out = main_report(path, None, "text", now=NOW)
+    assert out.check.ok and out.check.unwritten == 10 and out.check.unwritten_at_end == 3
+    assert "Lost:     10 records could NOT be written to the log" in out.text
+    assert "7 records before seq 2" in out.text and "3 records after seq 2, the last record" in out.text
+    assert "unwritten_before" not in out.text  # shown as a gap, not as a stray field
+    doc = orjson.loads(main_report(path, None, "json", now=NOW).text)
+    assert doc["unwritten"] == 10 and [g["count"] for g in doc["gaps"]] == [7, 3]
+    page = main_report(path, None, "html", now=NOW).text
+    assert "10 records could NOT be written" in page and "7 records before seq 2" in page
+
+
+def test_report_of_a_broken_chain_says_so_and_is_still_made(log_path: Path) -> None:
+    lines = log_path.read_bytes().splitlines(keepends=True)
+    lines[4] = lines[4].replace(b'"ls"', b'"sl"')
+    log_path.write_bytes(b"".join(lines))
+    out = main_report(log_path, None, "text", now=NOW)
+    assert not out.check.ok and out.check.first_bad_seq == 5
+    assert "Chain:    BROKEN: verdicts.jsonl:5: seq 5:" in out.text
+    assert "records from seq 5 on cannot be trusted" in out.text and "Timeline (5 non-SAFE)" in out.text
+    assert 'class="warn">BROKEN' in main_report(log_path, None, "html", now=NOW).text
+
+
+def test_report_refuses_what_it_cannot_read_or_is_no_log(tmp_path: Path) -> None:
+    from ebpf_guard.report import ReportError
+
+    with pytest.raises(ReportError, match="is a directory") as e:
+        main_report(tmp_path, None, "text")
+    assert e.value.damaged
+    with pytest.raises(ReportError, match="no such log") as e:
+        main_report(tmp_path / "none.jsonl", None, "text")
+    assert not e.value.damaged
+    garbage = tmp_path / "g.jsonl"
+    garbage.write_bytes(b"\x00\xff garbage\n[1]\n")
+    out = main_report(garbage, None, "text")  # a file that is no log: reported, as broken
+    assert not out.check.ok and not out.check.unreadable and "BROKEN" in out.text
+
+
+def test_huge_window_is_everything(log_path: Path) -> None:
+    assert build_report(log_files(log_path), last_hours=1e300, now=NOW).records == \
+        build_report(log_files(log_path), last_hours=None, now=NOW).records

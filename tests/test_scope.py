@@ -210,12 +210,19 @@ def test_watch_marks_its_cgroup_and_gives_it_back(tmp_cgroup, spawn, tmp_path):
     spawn(tmp_cgroup, ["sleep", "300"])
     from helpers import GUARD, REPO
 
-    log = tmp_path / f"v-{uuid.uuid4().hex[:6]}.jsonl"
-    proc = subprocess.Popen([*GUARD, "watch", "--cgroup", str(tmp_cgroup), "--log", str(log), "--quiet"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: cgroups.marked_role(tmp_cgroup) == cgroups.ROLE_WATCHED, timeout=30)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=30)
-    assert cgroups.marked_role(tmp_cgroup) is None
+    for when in ("during setup", "while watching"):
+        log = tmp_path / f"v-{uuid.uuid4().hex[:6]}.jsonl"
+        proc = subprocess.Popen([*GUARD, "watch", "--cgroup", str(tmp_cgroup), "--log", str(log), "--quiet"],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: cgroups.marked_role(tmp_cgroup) == cgroups.ROLE_WATCHED, timeout=30)
+            if when == "while watching":
+                for line in proc.stderr:
+                    if "attached in" in line:
+                        break
+                assert guard("resume", "--cgroup", str(tmp_cgroup)).returncode == 0  # no --force
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=30)
+        assert proc.returncode == 122, when
+        assert cgroups.marked_role(tmp_cgroup) is None, when
