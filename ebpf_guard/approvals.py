@@ -633,10 +633,16 @@ def _request(path: Path, req: dict) -> dict | None:
             s.connect(str(path))
         except (ConnectionRefusedError, FileNotFoundError):
             return None
-        s.sendall(json.dumps(req).encode() + b"\n")
+        try:
+            s.sendall(json.dumps(req).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # a guard that refuses a peer answers and hangs up before reading: read why
         buf = b""
         while b"\n" not in buf:
-            chunk = s.recv(65536)
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                break
             if not chunk:
                 break
             buf += chunk

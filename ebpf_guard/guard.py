@@ -283,6 +283,8 @@ class Guard:
         action = f"fail-closed: {done}"
         if action not in self.summary.actions[-1:]:  # a full disk fails every record, not one
             self.summary.actions.append(action)
-        # One line per failure, the same while the cause lasts: the printer prints it once and
-        # counts the repeats (the verdict log counts the records themselves).
-        self.printer.message(f"cannot write the verdict log ({error}); fail-closed: {done}")
+        # One line per failure, the same while the cause lasts (so nothing that varies, such as
+        # how long the freeze took, goes in it): the printer prints it once and counts the
+        # repeats; the verdict log counts the records themselves. What was done is in the summary.
+        frozen = "the agent is frozen" if not done.startswith("FAILED") else done
+        self.printer.message(f"cannot write the verdict log ({error}); fail-closed: {frozen}")
