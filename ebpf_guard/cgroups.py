@@ -598,29 +598,90 @@ class V1Freezer(Freezer):
                 return
 
 
+class MovedTreeFreezer(V2Freezer):
+    """A v2 cgroup ebpf-guard creates under the v2 root for `watch --pid`, and the process tree it
+    moves into it, remembering where each process came from: on pure-v2 hosts there is no v1
+    freezer to borrow, so freezing a bare process tree means giving it a cgroup of its own.
+    `release` hands every process back (later children go where the tree's root came from)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.origin: dict[int, Path] = {}
+
+    @classmethod
+    def create(cls, name: str | None = None) -> MovedTreeFreezer:
+        name = name or uuid.uuid4().hex[:10]
+        return cls(create_cgroup(find_v2_mount(), f"{WATCH_CGROUP_PREFIX}{name}", mark_created=True))
+
+    def adopt(self, pid: int) -> None:
+        if pid not in self.origin:
+            self.origin[pid] = cgroup_of_pid(pid)
+        move_pid(self.path, pid)
+
+    def release(self, timeout: float = 5.0) -> None:
+        """Thaw, hand every process back to the cgroup it came from, and remove this cgroup."""
+        self.thaw()
+        fallback = next(iter(self.origin.values()), find_v2_mount())
+        for pid in self.pids():
+            try:
+                move_pid(self.origin.get(pid, fallback), pid)
+            except CgroupError:
+                pass  # exited meanwhile, or its old cgroup is gone: it stays; rmdir says so
+        deadline = time.monotonic() + timeout
+        while not _rmdir_tree(self.path, deadline):
+            pass
+
+
+WATCH_CGROUP_PREFIX = "ebpf-guard-watch-"
+
+
 def can_freeze_v2(path: Path | None) -> bool:
     return path is not None and (path / "cgroup.freeze").exists()
 
 
-def freezer_for(cgroup: Path | None, pid: int | None = None) -> Freezer:
-    """The best freezer for a watched v2 cgroup, falling back to a v1 freezer cgroup.
+def _tree_of(pid: int) -> list[int]:
+    """`pid` and its descendants now (psutil walks /proc children lists)."""
+    import psutil
 
-    v2 when `cgroup` can freeze. Otherwise a v1 freezer cgroup named after the v2 cgroup (or a
-    random name) is created, and `pid` plus everything already in `cgroup` is moved into it;
-    their future children inherit the v1 membership. `run` passes its child as `pid`.
+    try:
+        root = psutil.Process(pid)
+        return [pid, *(c.pid for c in root.children(recursive=True))]
+    except psutil.Error:
+        return [pid]
+
+
+def freezer_for(cgroup: Path | None, pid: int | None = None, *, prefer_v1: bool = True) -> Freezer:
+    """The best freezer for a watched v2 cgroup, or for a bare process tree (`watch --pid`).
+
+    A cgroup: v2 when it can freeze; otherwise a v1 freezer cgroup named after it, and
+    everything in it (plus `pid`: `run` passes its child) is moved there. A process tree: a v1
+    freezer cgroup where one is mounted (v1 and v2 memberships are independent, so the tree's v2
+    cgroup stays as it was), else (pure v2, or `prefer_v1=False`) a v2 cgroup of its own. Either
+    way the whole tree is moved, repeated until no new child shows up; its future children
+    inherit the membership.
     """
     if cgroup is not None:
         refuse_outside_scope(cgroup)
         if can_freeze_v2(cgroup):
             return V2Freezer(cgroup)
-    fz = V1Freezer.create(cgroup.name if cgroup is not None else None)
-    members = pids(cgroup) if cgroup is not None else []
-    for p in [*members, *([pid] if pid is not None else [])]:
-        try:
-            fz.adopt(p)
-        except CgroupError:
-            if Path(f"/proc/{p}").exists():  # a process that exited meanwhile is no loss
-                raise
+        fz: Freezer = V1Freezer.create(cgroup.name)
+        members = pids(cgroup)
+    else:
+        use_v1 = prefer_v1 and find_v1_mount("freezer") is not None
+        fz = V1Freezer.create() if use_v1 else MovedTreeFreezer.create(str(pid) if pid else None)
+        members = []
+    moved: set[int] = set()
+    for _ in range(10):  # a tree that forks while being moved: catch the latecomers
+        todo = [p for p in [*members, *(_tree_of(pid) if pid is not None else [])] if p not in moved]
+        if not todo:
+            break
+        for p in todo:
+            try:
+                fz.adopt(p)
+            except CgroupError:
+                if Path(f"/proc/{p}").exists():  # a process that exited meanwhile is no loss
+                    raise
+            moved.add(p)
     return fz
 
 

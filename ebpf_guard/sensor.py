@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
+import re
 import socket
 import struct
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import cgroups as cg
 from . import host
@@ -181,6 +185,9 @@ def descendants(roots: Iterable[int], table: dict[int, int] | None = None) -> se
 
 
 class Sensor:
+    """The kernel side's Python half: loads bpf/sensor.c, scopes it, and turns its raw records
+    into time-ordered `Event`s (see poll)."""
+
     def __init__(
         self,
         *,
@@ -189,9 +196,12 @@ class Sensor:
         page_cnt: int = 256,
         wakeup_events: int = 32,
         urgent_page_cnt: int = 64,
+        source: Path = SOURCE,
     ) -> None:
         """page_cnt/wakeup_events: the bulk buffer (pages per CPU, a power of two; samples
-        per wake-up). urgent_page_cnt: the urgent buffer, which wakes on every event."""
+        per wake-up). urgent_page_cnt: the urgent buffer, which wakes on every event.
+        source: the BPF C file (`doctor` points it elsewhere to prove a failure is reported)."""
+        self._source = Path(source)
         self._cgroups = [Path(p) for p in cgroups]
         self._pids = [int(p) for p in pids]
         self._page_cnt = page_cnt
@@ -214,25 +224,7 @@ class Sensor:
         for pid in self._pids:
             if not os.path.exists(f"/proc/{pid}"):
                 raise SensorError(f"no process with PID {pid}")
-        try:
-            host.require_root()
-            host.ensure_tracefs()
-            bcc = host.import_bcc()
-        except host.HostError as e:
-            raise SensorError(str(e)) from e
-        cflags = [
-            f"-I{BPF_DIR}",
-            f"-DPY_SIZEOF_HDR={ctypes.sizeof(RawEvent)}",
-            f"-DPY_SIZEOF_PATH={ctypes.sizeof(RawPathEvent)}",
-            f"-DPY_SIZEOF_EXEC={ctypes.sizeof(RawExecEvent)}",
-            f"-DPY_SIZEOF_CONNECT={ctypes.sizeof(RawConnectEvent)}",
-        ]
-        if "group_dead" in _tracepoint_format("sched", "sched_process_exit"):
-            cflags.append("-DHAVE_GROUP_DEAD")
-        try:
-            b = bcc.BPF(src_file=str(SOURCE).encode(), cflags=cflags)
-        except Exception as e:  # bcc raises bare Exception; details already on stderr
-            raise SensorError(f"cannot load {SOURCE}: {str(e).splitlines()[0]}") from e
+        b = load_programs(self._source)
         self._bpf = b
         # The urgent buffer is opened first: perf_buffer_consume() drains readers in this
         # order (see poll).
@@ -254,6 +246,11 @@ class Sensor:
         except BaseException:
             self._cleanup()
             raise
+
+    @property
+    def programs(self) -> dict[str, str]:
+        """Every program of the loaded object -> the tracepoint it is attached to ("" if none)."""
+        return programs_of(self._require())
 
     def close(self) -> list[Event]:
         """Detach, then return every event still in the buffers (nothing is held back)."""
@@ -626,6 +623,96 @@ class Sensor:
         leaf = procs.Leaf()
         leaf.ppid, leaf.start_ns = st.ppid, st.start_ns
         procs[ctypes.c_uint32(tgid)] = leaf
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+_TP_PREFIX = "tracepoint__"
+_FAILED_PROGRAM = re.compile(r"Failed to load BPF program b'([^']+)': (.*)")
+
+
+def _cflags(bpf_dir: Path) -> list[str]:
+    flags = [
+        f"-I{bpf_dir}",
+        f"-DPY_SIZEOF_HDR={ctypes.sizeof(RawEvent)}",
+        f"-DPY_SIZEOF_PATH={ctypes.sizeof(RawPathEvent)}",
+        f"-DPY_SIZEOF_EXEC={ctypes.sizeof(RawExecEvent)}",
+        f"-DPY_SIZEOF_CONNECT={ctypes.sizeof(RawConnectEvent)}",
+    ]
+    if "group_dead" in _tracepoint_format("sched", "sched_process_exit"):
+        flags.append("-DHAVE_GROUP_DEAD")
+    return flags
+
+
+def _attach_point(program: str) -> str:
+    """bcc's name for a TRACEPOINT_PROBE function -> "category:event" (as bcc derives it)."""
+    return program[len(_TP_PREFIX):].replace("__", ":")
+
+
+def object_programs(b: Any) -> list[str]:
+    """The name of every program (BPF function) in a compiled bcc object."""
+    from bcc import lib  # only ever called with bcc loaded
+
+    return [lib.bpf_function_name(b.module, i).decode() for i in range(lib.bpf_num_functions(b.module))]
+
+
+def programs_of(b: Any) -> dict[str, str]:
+    """Every program of a bcc object -> the tracepoint it is attached to ("" if none)."""
+    attached = {tp.decode() for tp in b.tracepoint_fds}
+    return {p: _attach_point(p) if p.startswith(_TP_PREFIX) and _attach_point(p) in attached else ""
+            for p in object_programs(b)}
+
+
+def load_programs(source: Path = SOURCE) -> Any:
+    """Compile `source` and load and attach every program in it (bcc does both for each
+    TRACEPOINT_PROBE), or raise SensorError naming the program, the verifier's own reason,
+    the kernel, and the file holding bcc's full output. Returns the bcc object."""
+    try:
+        host.require_root()
+        host.ensure_tracefs()
+        host.import_bcc()
+    except host.HostError as e:
+        raise SensorError(str(e)) from e
+    source = Path(source)
+    loaded = host.bcc_load(keep_log=True, src_file=str(source).encode(),
+                           cflags=_cflags(source.resolve().parent))
+    b = loaded.bpf
+    if loaded.error is not None:
+        raise SensorError(_load_failure(b, source, loaded.error, loaded.output, loaded.log))
+    if loaded.output:
+        sys.stderr.write(loaded.output)  # warnings: nothing bcc says is hidden on success
+    missing = [p for p, point in programs_of(b).items() if not point]
+    if missing:
+        host.discard(b)
+        raise SensorError(f"{source}: not attached on kernel {platform.release()}: {', '.join(missing)} "
+                          "(the sensor uses syscall and task tracepoints only)")
+    return b
+
+
+_EPERM_MESSAGE = "Need super-user privileges to run"  # what bcc says for any EPERM, even to root
+
+
+def _load_failure(b: Any, source: Path, error: Exception, output: str, log: Path | None) -> str:
+    """One line for a failed load; undoes whatever bcc attached before it failed."""
+    message = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    failed = _FAILED_PROGRAM.search(message)
+    errno_text = failed.group(2) if failed else "Operation not permitted" if message == _EPERM_MESSAGE else message
+    what = message
+    if getattr(b, "module", None) is None:
+        what = "compile error"
+    else:
+        # bcc loads and attaches in object order: the first program not attached is the one.
+        loaded = {name.decode() for name in getattr(b, "funcs", {})}
+        bad = next((p for p, point in programs_of(b).items() if not point), None)
+        if bad is not None:
+            point = _attach_point(bad) if bad.startswith(_TP_PREFIX) else bad
+            what = (f"program {point} refused by the kernel ({errno_text})" if bad not in loaded
+                    else f"program {point} loaded but not attached ({message})")
+    host.discard(b)
+    # bcc compiles the file as /virtual/main.c: name the real one in clang's errors.
+    reason = re.sub(r"\bmain\.c:", f"{source.name}:", host.bpf_failure_reason(output, error))
+    return (f"cannot load {source} on kernel {platform.release()}: {what}: {reason}"
+            f" (full bcc output: {log})")
 
 
 def _tracepoint_format(category: str, name: str) -> str:

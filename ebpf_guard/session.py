@@ -156,10 +156,11 @@ class Session:
         except cgroups.CgroupError as e:
             if cgroup is not None:
                 raise SessionError(str(e)) from None
-            # --pid on a pure-v2 host: nothing to freeze the tree with. Say so now, not at HALT.
+            # --pid where no cgroup can be made (no v1 freezer, v2 without cgroup.freeze): nothing
+            # to freeze the tree with. Say so now, not at HALT.
             freezer, freeze_note = None, (f"no freezer for --pid here ({e}): HALT and ASK will be "
                                           "logged but cannot freeze; watch a cgroup to enforce them")
-        if isinstance(freezer, cgroups.V1Freezer):
+        if isinstance(freezer, (cgroups.V1Freezer, cgroups.MovedTreeFreezer)):
             # Ours to clean up: `run` owns its processes (remove kills what is left); `watch`
             # gives the watched ones back untouched.
             stack.callback(freezer.remove if prompt_tty else freezer.release)

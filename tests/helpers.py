@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -11,6 +12,17 @@ import orjson
 
 from ebpf_guard import cgroups
 
+# One factor for every wait in the suite: 1 on real hardware; the VM harness (vagrant/qemu.sh)
+# sets it for emulated guests, where everything, the bcc compile above all, runs ~10x slower.
+# Every timeout a test waits on goes through `scaled`; the helpers below scale their own.
+SLOWDOWN = max(1.0, float(os.environ.get("EBPF_GUARD_SLOWDOWN") or 1))
+
+
+def scaled(seconds: float) -> float:
+    """A wait sized for this host, stretched for slow (emulated) ones."""
+    return seconds * SLOWDOWN
+
+
 WRITER = "while :; do echo x >> {f}; done"  # a shell loop that shows whether it still runs
 GUARD = [sys.executable, "-m", "ebpf_guard.cli"]
 REPO = Path(__file__).resolve().parent.parent
@@ -19,7 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 def guard(*args: str, timeout: float = 60, nobody: bool = False, **kw) -> subprocess.CompletedProcess:
     """Run `ebpf-guard ARGS` to completion (as uid 65534 with nobody=True), capturing text output."""
     cmd = as_nobody([*GUARD, *args]) if nobody else [*GUARD, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=kw.pop("cwd", REPO), **kw)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=scaled(timeout), cwd=kw.pop("cwd", REPO),
+                          **kw)
 
 
 def records(log: Path, type_: str = "verdict") -> list[dict]:
@@ -34,6 +47,7 @@ def children_of(parent: Path) -> list[Path]:
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01):
+    timeout = scaled(timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -80,13 +94,13 @@ class GuardRun:
 
     def wait(self, timeout: float = 60) -> int:
         try:
-            self.out, self.err = self.proc.communicate(timeout=timeout)
+            self.out, self.err = self.proc.communicate(timeout=scaled(timeout))
         except subprocess.TimeoutExpired as timeout_error:
             # Kill the agent first (it holds our pipes), then let the guard clean up.
             for child in children_of(self.parent):
                 cgroups.kill_cgroup(child)
             self.proc.terminate()
-            self.out, self.err = self.proc.communicate(timeout=30)
+            self.out, self.err = self.proc.communicate(timeout=scaled(30))
             raise AssertionError(f"ebpf-guard run did not finish in {timeout}s: {self.err}") from timeout_error
         return self.proc.returncode
 
@@ -98,7 +112,7 @@ class GuardRun:
             for child in children_of(self.parent):
                 subprocess.run([*GUARD, "kill", "--cgroup", str(child)], capture_output=True)
             try:
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=scaled(20))
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -111,8 +125,8 @@ class GuardRun:
 
 
 def eventually(cond, timeout: float = 3.0) -> bool:
-    """Does `cond()` become true within `timeout` seconds?"""
-    deadline = time.monotonic() + timeout
+    """Does `cond()` become true within `timeout` seconds (scaled)?"""
+    deadline = time.monotonic() + scaled(timeout)
     while not cond():
         if time.monotonic() > deadline:
             return False

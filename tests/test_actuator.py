@@ -12,7 +12,7 @@ from ebpf_guard import cgroups
 from ebpf_guard.actuator import Actuator, ActuatorError, kill_all, process_start_ns, resume
 from ebpf_guard.events import Event, Kind
 from ebpf_guard.verdicts import Decision, Mode, Scope, Verdict
-from tests.helpers import WRITER, grows
+from tests.helpers import WRITER, grows, scaled
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -49,7 +49,7 @@ def test_halt_freezes_and_resume_thaws(tmp_cgroup: Path, tmp_path: Path, spawn) 
     out.touch()
     p = spawn(tmp_cgroup, ["sh", "-c", WRITER.format(f=out)])
     assert grows(out, 2.0)
-    act = Actuator(tmp_cgroup, mode=Mode.ENFORCE)
+    act = Actuator(tmp_cgroup, mode=Mode.ENFORCE, freeze_timeout=scaled(1.0))
     d = decision(Verdict.HALT, p.pid, comm="sh")
     assert act.plan(d) == f"freeze {tmp_cgroup}"
     done = act.apply(d)
@@ -65,7 +65,8 @@ def test_halt_freezes_and_resume_thaws(tmp_cgroup: Path, tmp_path: Path, spawn) 
 
 def test_ask_freezes(tmp_cgroup: Path, spawn) -> None:
     p = spawn(tmp_cgroup, ["sleep", "100"])
-    assert Actuator(tmp_cgroup).apply(decision(Verdict.ASK, p.pid)).startswith("froze ")
+    done = Actuator(tmp_cgroup, freeze_timeout=scaled(1.0)).apply(decision(Verdict.ASK, p.pid))
+    assert done.startswith("froze ")
     assert cgroups.is_frozen(tmp_cgroup)
 
 
@@ -76,7 +77,7 @@ def test_kill_process_kills_only_the_offender(tmp_cgroup: Path, spawn) -> None:
     d = decision(Verdict.KILL, offender.pid)
     assert act.plan(d) == f"SIGKILL pid {offender.pid} (sleep)"
     assert act.apply(d) == f"killed pid {offender.pid} (sleep)"
-    assert offender.wait(2) == -9
+    assert offender.wait(scaled(2)) == -9
     assert sibling.poll() is None
     # Idempotent: the second time it is already dead.
     assert act.apply(d) == f"pid {offender.pid} (sleep) had already exited"
@@ -101,7 +102,7 @@ def test_kill_without_start_time_stays_inside_the_cgroup(tmp_cgroup: Path, spawn
     assert Actuator(tmp_cgroup).apply(decision(Verdict.KILL, insider.pid, start_ns=0)).startswith(
         "killed pid"
     )
-    assert insider.wait(2) == -9
+    assert insider.wait(scaled(2)) == -9
 
 
 def test_kill_cgroup_kills_everything(tmp_cgroup: Path, spawn) -> None:
@@ -110,8 +111,8 @@ def test_kill_cgroup_kills_everything(tmp_cgroup: Path, spawn) -> None:
     d = decision(Verdict.KILL, procs[0].pid, scope=Scope.CGROUP)
     assert act.plan(d) == f"kill cgroup {tmp_cgroup}"
     assert act.apply(d) == f"killed cgroup {tmp_cgroup} (3 processes)"
-    assert all(p.wait(2) == -9 for p in procs)
-    assert cgroups.wait_empty(tmp_cgroup, 2.0)
+    assert all(p.wait(scaled(2)) == -9 for p in procs)
+    assert cgroups.wait_empty(tmp_cgroup, scaled(2.0))
 
 
 def test_enforced_in_kernel_is_reported_and_backed_up(tmp_cgroup: Path, spawn) -> None:
@@ -119,7 +120,7 @@ def test_enforced_in_kernel_is_reported_and_backed_up(tmp_cgroup: Path, spawn) -
     p = spawn(tmp_cgroup, ["sleep", "100"])
     done = Actuator(tmp_cgroup).apply(decision(Verdict.KILL, p.pid, in_kernel=True))
     assert done.startswith("killed in kernel at exec entry")
-    assert p.wait(2) == -9
+    assert p.wait(scaled(2)) == -9
     # The usual case: already dead, nothing more to say.
     done = Actuator(tmp_cgroup).apply(decision(Verdict.KILL, p.pid, in_kernel=True, start_ns=1))
     assert done == "killed in kernel at exec entry"
@@ -155,9 +156,9 @@ def test_halt_without_a_cgroup_is_an_error(spawn) -> None:
 
 def test_kill_all_empties_a_frozen_cgroup(tmp_cgroup: Path, spawn) -> None:
     procs = [spawn(tmp_cgroup, ["sleep", "100"]) for _ in range(2)]
-    Actuator(tmp_cgroup).freeze_now()
-    assert kill_all(str(tmp_cgroup), force=True) == f"killed 2 processes in {tmp_cgroup}"
-    assert all(p.wait(2) == -9 for p in procs)
+    Actuator(tmp_cgroup, freeze_timeout=scaled(1.0)).freeze_now()
+    assert kill_all(str(tmp_cgroup), force=True, timeout=scaled(2.0)) == f"killed 2 processes in {tmp_cgroup}"
+    assert all(p.wait(scaled(2)) == -9 for p in procs)
 
 
 def test_v1_freezer_halt_resume_kill(tmp_path: Path, spawn) -> None:
@@ -168,14 +169,15 @@ def test_v1_freezer_halt_resume_kill(tmp_path: Path, spawn) -> None:
     p = spawn(None, ["sh", "-c", WRITER.format(f=out)])
     fz = cgroups.freezer_for(None, p.pid)
     try:
-        act = Actuator(None, freezer=fz)
+        act = Actuator(None, freezer=fz, freeze_timeout=scaled(1.0))
         assert act.apply(decision(Verdict.HALT, p.pid, comm="sh")).startswith(f"froze {fz.path};")
         assert not grows(out, 0.2)
         assert resume(fz.path) == f"thawed {fz.path}"
         assert grows(out, 2.0)
         act.freeze_now()
-        assert kill_all(str(fz.path)) == f"killed 1 processes in {fz.path}; removed it (ebpf-guard created it)"
-        assert p.wait(2) == -9
+        done = kill_all(str(fz.path), timeout=scaled(2.0))
+        assert done == f"killed 1 processes in {fz.path}; removed it (ebpf-guard created it)"
+        assert p.wait(scaled(2)) == -9
     finally:
         fz.remove()  # type: ignore[attr-defined]
 
@@ -188,6 +190,6 @@ def test_v1_freezer_kill_cgroup_scope(spawn) -> None:
     try:
         done = Actuator(None, freezer=fz).apply(decision(Verdict.KILL, p.pid, scope=Scope.CGROUP))
         assert done == f"killed cgroup {fz.path} (1 processes)"
-        assert p.wait(2) == -9
+        assert p.wait(scaled(2)) == -9
     finally:
         fz.remove()  # type: ignore[attr-defined]

@@ -85,13 +85,13 @@ class Served:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(5)
+        self._thread.join(helpers.scaled(5))
 
 
 def as_nobody(code: str) -> subprocess.CompletedProcess:
     """Run Python `code` as uid/gid 65534 with no supplementary groups (see helpers.as_nobody)."""
     return subprocess.run(helpers.as_nobody([sys.executable, "-c", code]), capture_output=True, text=True,
-                          timeout=15, cwd="/", env={**os.environ, "PYTHONPATH": str(REPO)})
+                          timeout=helpers.scaled(15), cwd="/", env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def client_code(call: str, sockdir: Path) -> str:
@@ -257,7 +257,7 @@ def read_until(fd: int, needle: str, pump: ApprovalDesk | None = None,
     """Read the pty master until `needle` shows; `pump` is a desk to poll meanwhile (which must
     not resolve anything)."""
     seen = b""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + helpers.scaled(timeout)
     while needle.encode() not in seen:
         if time.monotonic() > deadline:
             raise AssertionError(f"no {needle!r} on the pty; got {seen!r}")
@@ -269,7 +269,7 @@ def read_until(fd: int, needle: str, pump: ApprovalDesk | None = None,
 
 
 def poll_until(desk: ApprovalDesk, timeout: float = 5.0) -> list[Resolution]:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + helpers.scaled(timeout)
     while time.monotonic() < deadline:
         got = desk.poll()
         if got:
@@ -344,7 +344,7 @@ def test_socket_answer_moves_the_tty_prompt_on(sockdir: Path, pty) -> None:
             approvals.approve(p1.id, socket_dir=sockdir)
             read_until(master, "deny " + p2.id)
             os.write(master, b"b")
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + helpers.scaled(5)
             while len(served.resolutions) < 2 and time.monotonic() < deadline:
                 time.sleep(0.01)
     got = [(r.pending.id, r.allow, r.remember, r.via) for r in served.resolutions]

@@ -10,7 +10,7 @@ import pytest
 
 from ebpf_guard import cgroups
 from ebpf_guard.cgroups import CgroupError
-from tests.helpers import WRITER, eventually, grows
+from tests.helpers import WRITER, eventually, grows, scaled
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -82,7 +82,7 @@ def test_freeze_stops_progress_and_thaw_resumes(tmp_cgroup: Path, tmp_path: Path
     assert not cgroups.is_frozen(tmp_cgroup)
 
     cgroups.freeze(tmp_cgroup)
-    assert cgroups.wait_frozen(tmp_cgroup, 2.0)
+    assert cgroups.wait_frozen(tmp_cgroup, scaled(2.0))
     assert cgroups.is_frozen(tmp_cgroup)
     assert not grows(out, 0.2)
 
@@ -93,12 +93,14 @@ def test_freeze_stops_progress_and_thaw_resumes(tmp_cgroup: Path, tmp_path: Path
 
 def test_wait_empty_and_populated(tmp_cgroup: Path, spawn) -> None:
     assert not cgroups.is_populated(tmp_cgroup)
-    assert cgroups.wait_empty(tmp_cgroup, 0.1)
-    p = spawn(tmp_cgroup, "sleep 0.2")
+    assert cgroups.wait_empty(tmp_cgroup, scaled(0.1))
+    # It ends when told to (not after a fixed sleep the test would have to outrun).
+    p = spawn(tmp_cgroup, "read x", stdin=subprocess.PIPE)
     assert eventually(lambda: cgroups.is_populated(tmp_cgroup))
-    assert not cgroups.wait_empty(tmp_cgroup, 0.01)
-    assert cgroups.wait_empty(tmp_cgroup, 3.0)
-    p.wait(1)
+    assert not cgroups.wait_empty(tmp_cgroup, scaled(0.01))
+    p.stdin.close()
+    assert cgroups.wait_empty(tmp_cgroup, scaled(3.0))
+    p.wait(scaled(1))
 
 
 # --- killing -------------------------------------------------------------------------------
@@ -122,17 +124,17 @@ def _escapee_tree(tmp_cgroup: Path, tmp_path: Path, spawn) -> tuple[subprocess.P
 def test_kill_cgroup_kills_setsid_grandchild(tmp_cgroup: Path, tmp_path: Path, spawn) -> None:
     p, grandchild = _escapee_tree(tmp_cgroup, tmp_path, spawn)
     cgroups.kill_cgroup(tmp_cgroup)
-    assert cgroups.wait_empty(tmp_cgroup, 3.0)
-    assert p.wait(2) == -9
+    assert cgroups.wait_empty(tmp_cgroup, scaled(3.0))
+    assert p.wait(scaled(2)) == -9
     assert not alive(grandchild)
 
 
 def test_kill_fallback_without_cgroup_kill(tmp_cgroup: Path, tmp_path: Path, spawn) -> None:
     # The freeze -> SIGKILL every pid -> thaw path used where cgroup.kill is missing (< 5.14).
     p, grandchild = _escapee_tree(tmp_cgroup, tmp_path, spawn)
-    cgroups._freeze_and_kill(tmp_cgroup)
-    assert cgroups.wait_empty(tmp_cgroup, 3.0)
-    assert p.wait(2) == -9
+    cgroups._freeze_and_kill(tmp_cgroup, timeout=scaled(2.0))
+    assert cgroups.wait_empty(tmp_cgroup, scaled(3.0))
+    assert p.wait(scaled(2)) == -9
     assert not alive(grandchild)
     assert not cgroups.is_frozen(tmp_cgroup)
 
@@ -141,9 +143,9 @@ def test_kill_frozen_cgroup(tmp_cgroup: Path, spawn) -> None:
     spawn(tmp_cgroup, "sleep 1000 & sleep 1000")
     assert eventually(lambda: len(cgroups.pids(tmp_cgroup)) >= 2)
     cgroups.freeze(tmp_cgroup)
-    assert cgroups.wait_frozen(tmp_cgroup, 2.0)
+    assert cgroups.wait_frozen(tmp_cgroup, scaled(2.0))
     cgroups.kill_cgroup(tmp_cgroup)
-    assert cgroups.wait_empty(tmp_cgroup, 3.0)
+    assert cgroups.wait_empty(tmp_cgroup, scaled(3.0))
 
 
 # --- run cgroups and removal ---------------------------------------------------------------
@@ -159,13 +161,13 @@ def test_create_run_cgroup_and_remove_nested(spawn) -> None:
         p2 = spawn(deep, "sleep 1000")
         cgroups.freeze(deep)  # a frozen descendant must not block removal either
         assert eventually(lambda: len(cgroups.pids(run_cg)) >= 2)
-        cgroups.remove_cgroup(run_cg)
+        cgroups.remove_cgroup(run_cg, timeout=scaled(5.0))
         assert not run_cg.exists()
-        assert p1.wait(2) == -9 and p2.wait(2) == -9
+        assert p1.wait(scaled(2)) == -9 and p2.wait(scaled(2)) == -9
     finally:
-        cgroups.remove_cgroup(run_cg)
+        cgroups.remove_cgroup(run_cg, timeout=scaled(5.0))
     other = cgroups.create_run_cgroup(None)
-    cgroups.remove_cgroup(other)
+    cgroups.remove_cgroup(other, timeout=scaled(5.0))
     assert other != run_cg
 
 
@@ -209,7 +211,7 @@ def test_v1_freezer_freezes_thaws_and_kills(tmp_path: Path, spawn) -> None:
         assert grows(out, 2.0)
 
         fz.freeze()
-        assert fz.wait_frozen(2.0) and fz.is_frozen()
+        assert fz.wait_frozen(scaled(2.0)) and fz.is_frozen()
         assert not grows(out, 0.2)
         fz.thaw()
         assert not fz.is_frozen()
@@ -217,7 +219,7 @@ def test_v1_freezer_freezes_thaws_and_kills(tmp_path: Path, spawn) -> None:
 
         members = fz.pids()
         fz.kill()
-        assert p.wait(2) == -9
+        assert p.wait(scaled(2)) == -9
         assert eventually(lambda: not any(alive(x) for x in members))
         assert eventually(lambda: not fz.pids())
     finally:

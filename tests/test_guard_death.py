@@ -31,12 +31,15 @@ from tests.helpers import (
     guard,
     policy_extending,
     records,
+    scaled,
     wait_for,
 )
 
 pytestmark = requires_bpf
 EXIT_HALTED, EXIT_KILLED, EXIT_INTERRUPTED = 120, 121, 122
-REACTION_S = 1.0  # the agent must be stopped this soon after the guard's SIGKILL
+# The agent must be stopped this soon after the guard's SIGKILL: the product requirement on real
+# hardware. Checked through eventually(), so stretched by the suite's one factor on slow hosts.
+REACTION_S = 1.0
 CLEAN_ERR = ("Traceback", "Exception ignored")
 
 
@@ -89,14 +92,14 @@ def watching(log: Path, *target: str, policy: Path | None = None) -> Iterator[su
         if proc.poll() is None:
             proc.kill()
         if not proc.stderr.closed:
-            proc.communicate(timeout=30)
+            proc.communicate(timeout=scaled(30))
 
 
 def sigkill_and_time_until(proc: subprocess.Popen, stopped) -> float:
     """SIGKILL the guard; seconds until `stopped()` holds (asserted within REACTION_S)."""
     t0 = time.monotonic()
     proc.kill()
-    assert eventually(stopped, REACTION_S), f"agent not stopped {REACTION_S}s after the guard's SIGKILL"
+    assert eventually(stopped, REACTION_S), f"agent not stopped {scaled(REACTION_S):g}s after the guard's SIGKILL"
     return time.monotonic() - t0
 
 
@@ -124,7 +127,7 @@ def test_sigkilled_run_leaves_its_agent_frozen_and_the_cgroup_in_place(tmp_cgrou
         if cg is not None:
             cgroups.remove_cgroup(cg)
         run.proc.kill()
-        _, err = run.proc.communicate(timeout=30)
+        _, err = run.proc.communicate(timeout=scaled(30))
     assert f"watchdog: the guard (pid {run.proc.pid}) died" in err  # the watchdog says it too
 
 
@@ -147,7 +150,7 @@ def test_sigkilled_run_with_on_guard_exit_kill_kills_its_agent(tmp_cgroup, tmp_p
         if cg is not None:
             cgroups.remove_cgroup(cg)
         run.proc.kill()
-        run.proc.communicate(timeout=30)
+        run.proc.communicate(timeout=scaled(30))
 
 
 # ----------------------------------------------------------------------------- guard death: watch
@@ -157,7 +160,7 @@ def test_sigkilled_watch_cgroup_leaves_the_cgroup_frozen(tmp_cgroup, spawn, tmp_
     try:
         with watching(log, "--cgroup", str(tmp_cgroup)) as proc:
             assert started(log)["freezer"] == str(tmp_cgroup)
-            assert grows(out)
+            assert grows(out, 2.0)  # running (a busy host may take a while to schedule it)
             sigkill_and_time_until(proc, lambda: cgroups.is_frozen(tmp_cgroup))
             assert not grows(out)
             rec = guard_exit_record(log)
@@ -167,20 +170,19 @@ def test_sigkilled_watch_cgroup_leaves_the_cgroup_frozen(tmp_cgroup, spawn, tmp_
         cgroups.kill_cgroup(tmp_cgroup)  # a watched cgroup: the fixture removes it
 
 
-def test_sigkilled_watch_pid_leaves_the_tree_frozen_in_its_v1_freezer(spawn, tmp_path):
-    if cgroups.find_v1_mount("freezer") is None:
-        pytest.skip("no v1 freezer: `watch --pid` cannot freeze on a pure-v2 host")
+def test_sigkilled_watch_pid_leaves_the_tree_frozen_in_its_freezer(spawn, tmp_path):
+    """The tree's freezer: a v1 freezer cgroup here (hybrid), a v2 cgroup of its own on pure v2."""
     out, log = tmp_path / "out", tmp_path / "v.jsonl"
     agent = spawn(None, WRITER.format(f=out))
     freezer = None
     try:
         with watching(log, "--pid", str(agent.pid)) as proc:
             path = started(log)["freezer"]
-            if path is None:
-                pytest.skip("`watch --pid` has no freezer on this host")
+            assert path is not None, "`watch --pid` has a freezer on every host"
             freezer = cgroups.freezer_at(path)
-            assert isinstance(freezer, cgroups.V1Freezer) and agent.pid in freezer.pids()
-            assert grows(out)
+            expected = cgroups.V1Freezer if cgroups.find_v1_mount("freezer") else cgroups.V2Freezer
+            assert isinstance(freezer, expected) and agent.pid in freezer.pids()
+            assert grows(out, 2.0)
             sigkill_and_time_until(proc, freezer.is_frozen)
             assert not grows(out)
             rec = guard_exit_record(log)
@@ -209,7 +211,7 @@ def test_repeated_interrupts_end_run_cleanly_with_status_122(tmp_cgroup, tmp_pat
         wait_for(lambda: out.exists() and grows(out), timeout=10)
         for _ in range(5):  # the later ones land in the cleanup (killing, draining, detaching)
             run.proc.send_signal(sig)
-            time.sleep(0.02)
+            time.sleep(scaled(0.02))
         assert run.wait() == EXIT_INTERRUPTED, run.err
     assert not any(bad in run.err for bad in CLEAN_ERR), run.err
     end = last_record(log)
@@ -224,7 +226,7 @@ def test_interrupts_during_setup_undo_it_with_status_122(tmp_cgroup, tmp_path):
         run.cgroup()  # made first; the sensor attach takes a second or two after it
         for _ in range(5):
             run.proc.send_signal(signal.SIGINT)
-            time.sleep(0.02)
+            time.sleep(scaled(0.02))
         assert run.wait() == EXIT_INTERRUPTED, run.err
     assert "interrupted during setup" in run.err
     assert not any(bad in run.err for bad in CLEAN_ERR), run.err
@@ -261,13 +263,13 @@ def test_watch_exit_status(tmp_cgroup, spawn, tmp_path, outcome):
         started(log)
         go.touch()
         if outcome == "halt":
-            assert cgroups.wait_frozen(tmp_cgroup, 10)
+            assert cgroups.wait_frozen(tmp_cgroup, scaled(10))
             cgroups.kill_cgroup(tmp_cgroup)  # the watch ends when the cgroup is empty
         elif outcome == "hangup":
             for _ in range(5):
                 proc.send_signal(signal.SIGHUP)
-                time.sleep(0.02)
-        out, err = proc.communicate(timeout=30)
+                time.sleep(scaled(0.02))
+        out, err = proc.communicate(timeout=scaled(30))
     want = {"empty": 0, "halt": EXIT_HALTED, "kill": EXIT_KILLED, "hangup": EXIT_INTERRUPTED}[outcome]
     assert proc.returncode == want, err
     assert not any(bad in err for bad in CLEAN_ERR), err
@@ -305,9 +307,9 @@ def test_a_guard_that_crashes_with_an_exception_counts_as_dead(tmp_cgroup, spawn
     spawn(tmp_cgroup, WRITER.format(f=out))
     proc, _ = fake_guard(tmp_cgroup, Path(log.name), "crash", cwd=tmp_path)  # --log relative to the guard
     try:
-        assert cgroups.wait_frozen(tmp_cgroup, 5) and not grows(out)
+        assert cgroups.wait_frozen(tmp_cgroup, scaled(5)) and not grows(out)
         assert guard_exit_record(log)["action"] == f"froze {tmp_cgroup}"
-        assert "RuntimeError" in proc.communicate(timeout=10)[1]
+        assert "RuntimeError" in proc.communicate(timeout=scaled(10))[1]
     finally:
         cgroups.kill_cgroup(tmp_cgroup)
 
@@ -321,7 +323,7 @@ def test_the_watchdog_falls_back_to_a_file_when_the_log_cannot_be_written(tmp_cg
         sigkill_and_time_until(proc, lambda: cgroups.is_frozen(tmp_cgroup))
         text = wait_for(lambda: note.exists() and note.read_text(), timeout=15)
         assert f"froze {tmp_cgroup}" in text and "not in the verdict log /proc/version/v.jsonl" in text
-        assert f"froze {tmp_cgroup}" in proc.communicate(timeout=15)[1]  # and on the guard's stderr
+        assert f"froze {tmp_cgroup}" in proc.communicate(timeout=scaled(15))[1]  # and on the guard's stderr
         assert wait_for(lambda: not alive(wd), timeout=5)
     finally:
         cgroups.kill_cgroup(tmp_cgroup)

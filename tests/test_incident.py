@@ -15,6 +15,7 @@ import pytest
 
 from ebpf_guard import cgroups
 from ebpf_guard.incident import snapshot_process, snapshot_tree, write_incident
+from tests.helpers import scaled
 
 # The "agent": works in a directory, holds a file open, listens on loopback, has a child.
 AGENT = """
@@ -51,11 +52,11 @@ def frozen_agent(tmp_cgroup: Path, tmp_path: Path) -> Iterator[tuple[subprocess.
         assert p.stdout is not None
         port, child = map(int, p.stdout.readline().split())
         cgroups.freeze(tmp_cgroup)
-        assert cgroups.wait_frozen(tmp_cgroup, 2.0)
+        assert cgroups.wait_frozen(tmp_cgroup, scaled(2.0))
         yield p, port, child
     finally:
         p.kill()  # SIGKILL wakes a v2-frozen task; the fixture's cgroup removal gets the child
-        p.wait(5)
+        p.wait(scaled(5))
 
 
 def test_snapshot_of_frozen_tree(tmp_cgroup: Path, tmp_path: Path, frozen_agent) -> None:

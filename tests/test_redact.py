@@ -11,6 +11,7 @@ from ebpf_guard.auditlog import VerdictLog, record_for
 from ebpf_guard.events import Event, Kind
 from ebpf_guard.redact import Redactor
 from ebpf_guard.verdicts import Decision, Verdict
+from tests.helpers import scaled
 
 R = Redactor()
 
@@ -222,7 +223,8 @@ def test_fast_on_ordinary_strings() -> None:
     t0 = time.perf_counter()
     for p in paths:
         R.redact(p)
-    assert time.perf_counter() - t0 < 1.0
+    # 1 s for 20,000 paths is the product requirement on real hardware; scaled on slow hosts.
+    assert time.perf_counter() - t0 < scaled(1.0)
 
 
 def test_no_raw_secret_reaches_disk(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from ebpf_guard.events import Event, Kind
 from ebpf_guard.incident import write_incident
 from ebpf_guard.report import build_report, main_report, render_html, render_json, render_text
 from ebpf_guard.verdicts import Decision, Verdict
+from tests.helpers import scaled
 
 NOW = datetime(2025, 11, 22, 12, 0, tzinfo=timezone.utc)
 HOSTILE_URL = "https://evil.example/<script>alert(1)</script>"
@@ -306,7 +307,7 @@ def test_html_renders_in_headless_chromium(log_path: Path, tmp_path: Path) -> No
     subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                     f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1600",
                     f"--screenshot={shot}", page.as_uri()],
-                   capture_output=True, timeout=120, check=True)
+                   capture_output=True, timeout=scaled(120), check=True)
     width, height, pixels = png_pixels(shot.read_bytes(), max_rows=400)
     assert (width, height) == (1280, 1600)
     colours = set(pixels)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import NOBODY, guard, wait_for
+from helpers import NOBODY, guard, scaled, wait_for
 
 from ebpf_guard import cgroups
 
@@ -44,9 +44,9 @@ def init_scope(spawn) -> Iterator[tuple[Path, subprocess.Popen]]:
         yield path, p
     finally:
         p.kill()
-        p.wait(5)
+        p.wait(scaled(5))
         if made:
-            cgroups.wait_empty(path, 5)
+            cgroups.wait_empty(path, scaled(5))
             path.rmdir()
 
 
@@ -101,7 +101,7 @@ def test_a_cgroup_holding_the_guard_is_refused(tmp_cgroup, canary, spawn):
 
     for command in ("kill", "resume"):
         r = subprocess.run([*GUARD, command, "--cgroup", str(tmp_cgroup), "--force"], capture_output=True,
-                           text=True, cwd=REPO, preexec_fn=join, timeout=60)
+                           text=True, cwd=REPO, preexec_fn=join, timeout=scaled(60))
         assert r.returncode == EXIT_REFUSED, r.stderr
         assert "contains ebpf-guard itself" in r.stderr
     assert alive(sibling) and alive(canary)
@@ -113,7 +113,7 @@ def test_an_unmarked_cgroup_needs_force(tmp_cgroup, canary, spawn):
     assert r.returncode == EXIT_REFUSED and "--force" in r.stderr, r.stderr
     assert alive(inside)
     cgroups.freeze(tmp_cgroup)
-    assert cgroups.wait_frozen(tmp_cgroup, 5)
+    assert cgroups.wait_frozen(tmp_cgroup, scaled(5))
     r = guard("resume", "--cgroup", str(tmp_cgroup))
     assert r.returncode == EXIT_REFUSED and "--force" in r.stderr, r.stderr
     assert cgroups.is_frozen(tmp_cgroup)
@@ -121,7 +121,7 @@ def test_an_unmarked_cgroup_needs_force(tmp_cgroup, canary, spawn):
     assert not cgroups.is_frozen(tmp_cgroup)
     r = guard("kill", "--cgroup", str(tmp_cgroup), "--force")
     assert r.returncode == 0, r.stderr
-    assert inside.wait(5) == -signal.SIGKILL
+    assert inside.wait(scaled(5)) == -signal.SIGKILL
     assert tmp_cgroup.exists(), "a cgroup ebpf-guard did not create is never removed"
     assert alive(canary)
 
@@ -135,7 +135,7 @@ def test_kill_of_a_created_cgroup_kills_its_subtree_only_and_removes_it(tmp_cgro
     r = guard("kill", "--cgroup", str(ours))
     assert r.returncode == 0, r.stderr
     assert "killed 2 processes" in r.stdout and "removed it" in r.stdout
-    assert all(v.wait(5) == -signal.SIGKILL for v in victims)
+    assert all(v.wait(scaled(5)) == -signal.SIGKILL for v in victims)
     assert not ours.exists()
     assert alive(beside) and alive(canary)
 
@@ -149,7 +149,7 @@ def test_kill_of_a_created_v1_freezer_removes_it(canary, spawn):
         assert cgroups.marked_role(fz.path) == cgroups.ROLE_CREATED
         r = guard("kill", "--cgroup", str(fz.path))
         assert r.returncode == 0, r.stderr
-        assert p.wait(5) == -signal.SIGKILL and not fz.path.exists()
+        assert p.wait(scaled(5)) == -signal.SIGKILL and not fz.path.exists()
         for refused in (str(fz.path.parent), f"{fz.path.parent}/"):
             r = guard("kill", "--cgroup", refused, "--force")
             assert r.returncode != 0 and alive(canary), r.stderr
@@ -184,7 +184,7 @@ def test_a_mark_cannot_be_forged_by_the_agents_user(tmp_cgroup):
 def test_watch_pid_refuses_init_kernel_threads_and_the_guards_own_line(pid, canary):
     pid = {"SELF": "$$", "PARENT": str(os.getpid()), "KTHREAD": "2"}.get(pid, pid)
     r = subprocess.run(["sh", "-c", f"exec {' '.join(map(str, [*_guard_cmd(), 'watch', '--pid', pid]))}"],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=scaled(60))
     assert r.returncode in (EXIT_REFUSED, 2), r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert alive(canary)
@@ -223,6 +223,6 @@ def test_watch_marks_its_cgroup_and_gives_it_back(tmp_cgroup, spawn, tmp_path):
                 assert guard("resume", "--cgroup", str(tmp_cgroup)).returncode == 0  # no --force
         finally:
             proc.send_signal(signal.SIGINT)
-            proc.communicate(timeout=30)
+            proc.communicate(timeout=scaled(30))
         assert proc.returncode == 122, when
         assert cgroups.marked_role(tmp_cgroup) is None, when

@@ -32,9 +32,9 @@ from pathlib import Path
 from ebpf_guard import cgroups
 from ebpf_guard.auditlog import AuditLogError, VerdictLog
 
-READY_TIMEOUT_S = 10.0  # interpreter start and imports; the guard overlaps it with the attach
+READY_TIMEOUT_S = 30.0  # interpreter start and imports (slow on emulated hosts); overlaps the attach
 STOP_TIMEOUT_S = 2.0
-TEARDOWN_TIMEOUT_S = 10.0  # for the dead guard's files (the log's flock) to be released
+TEARDOWN_TIMEOUT_S = 30.0  # for the dead guard's files (the log's flock) to be released
 FREEZE_CONFIRM_S = 0.5
 FALLBACK_DIR = Path("/run/ebpf-guard")
 _IMPORT_ROOT = Path(__file__).resolve().parents[2]  # -m finds the very code the guard runs
