@@ -481,7 +481,17 @@ ci_stage() {
        "echo '== demo'; bash scripts/bootstrap.sh demo;"
        "echo '== enforcement tests'; bash scripts/bootstrap.sh test -q -p no:cacheprovider$tests")
   say "guest stage on $KERNEL: doctor, demo, ${CI_TESTS[*]} (host time so far $(since "$t0") s)"
-  run_guest
+  # 125 = the guest died without reporting a status. Seen once in a 45-min Debian 13 run: an
+  # int3 Oops in syscall_trace_enter while a tracepoint was being enabled (text patching under
+  # multi-threaded TCG), an emulator fault rather than a test result. Retried once; a test
+  # failure (any other status) is never retried.
+  local rc=0
+  ( trap run_cleanups EXIT; CLEANUPS=(); run_guest ) || rc=$?
+  if [ "$rc" -eq 125 ]; then
+    say "the guest died without a status (see the serial log above): booting it once more"
+    rc=0; ( trap run_cleanups EXIT; CLEANUPS=(); run_guest ) || rc=$?
+  fi
+  exit "$rc"
 }
 
 main() {
