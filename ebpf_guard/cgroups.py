@@ -22,6 +22,7 @@ from pathlib import Path
 
 V1_FREEZER_PREFIX = "ebpf-guard-"
 RUN_CGROUP_PREFIX = "ebpf-guard-run-"
+WATCH_CGROUP_PREFIX = "ebpf-guard-watch-"  # `watch --pid` on pure v2: the tree's own cgroup
 # The mark on every cgroup ebpf-guard creates or watches. A trusted.* xattr: only CAP_SYS_ADMIN
 # can set or read it, so an agent with the user's rights can neither forge nor remove it; it
 # lives and dies with the cgroup, so it survives a guard crash (the operator's `kill` still works).
@@ -631,8 +632,6 @@ class MovedTreeFreezer(V2Freezer):
         while not _rmdir_tree(self.path, deadline):
             pass
 
-
-WATCH_CGROUP_PREFIX = "ebpf-guard-watch-"
 
 
 def can_freeze_v2(path: Path | None) -> bool:

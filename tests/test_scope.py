@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import NOBODY, guard, scaled, wait_for
+from helpers import GUARD, NOBODY, REPO, guard, scaled, wait_for
 
 from ebpf_guard import cgroups
 
@@ -93,8 +93,6 @@ def test_a_cgroup_holding_the_guard_is_refused(tmp_cgroup, canary, spawn):
     inner = cgroups.create_cgroup(tmp_cgroup, "inner")
     sibling = spawn(tmp_cgroup, ["sleep", "300"])
     cgroups.mark(tmp_cgroup, cgroups.ROLE_CREATED)  # even a cgroup of ours
-    from helpers import GUARD, REPO
-
     def join() -> None:
         with open(inner / "cgroup.procs", "w") as f:
             f.write(str(os.getpid()))
@@ -183,17 +181,11 @@ def test_a_mark_cannot_be_forged_by_the_agents_user(tmp_cgroup):
 @pytest.mark.parametrize("pid", ["1", "0", "-3", "SELF", "PARENT", "KTHREAD"])
 def test_watch_pid_refuses_init_kernel_threads_and_the_guards_own_line(pid, canary):
     pid = {"SELF": "$$", "PARENT": str(os.getpid()), "KTHREAD": "2"}.get(pid, pid)
-    r = subprocess.run(["sh", "-c", f"exec {' '.join(map(str, [*_guard_cmd(), 'watch', '--pid', pid]))}"],
+    r = subprocess.run(["sh", "-c", f"exec {' '.join(map(str, [*GUARD, 'watch', '--pid', pid]))}"],
                        capture_output=True, text=True, timeout=scaled(60))
     assert r.returncode in (EXIT_REFUSED, 2), r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert alive(canary)
-
-
-def _guard_cmd() -> list[str]:
-    from helpers import GUARD
-
-    return GUARD
 
 
 @pytest.mark.parametrize("command", ["kill", "resume"])
@@ -208,8 +200,6 @@ def test_watch_marks_its_cgroup_and_gives_it_back(tmp_cgroup, spawn, tmp_path):
     """While a `watch` runs the cgroup carries the watched mark (so `resume` needs no --force);
     after a clean end that did not leave it frozen, the mark is gone again."""
     spawn(tmp_cgroup, ["sleep", "300"])
-    from helpers import GUARD, REPO
-
     for when in ("during setup", "while watching"):
         log = tmp_path / f"v-{uuid.uuid4().hex[:6]}.jsonl"
         proc = subprocess.Popen([*GUARD, "watch", "--cgroup", str(tmp_cgroup), "--log", str(log), "--quiet"],
