@@ -7,7 +7,8 @@
 #   sudo bash vagrant/qemu.sh demo  --kernel debian12 [-- DEMO ARGS]
 #   sudo bash vagrant/qemu.sh ci    --kernel debian12             # CI's guest stage (see ci_stage)
 #   sudo bash vagrant/qemu.sh clean                               # remove cached images and logs
-# Options: --timeout MIN (default 60; ci: 30), --slowdown N (test/demo/ci, default 8), --rebuild.
+# Options: --timeout MIN (default 60; ci: 30), --slowdown N (test/demo/ci, default 8), --rebuild,
+#          --tcg-threads multi|single (default multi; single: see boot_guest).
 #
 # The guest is what a user's host is: systemd as init (so cgroup v2 is pure), the distro's stock
 # kernel (bookworm 6.1, trixie 6.12) with matching headers, everything bootstrap.sh installs
@@ -58,7 +59,7 @@ remove_tree() {
 }
 
 # ------------------------------------------------------------------ options
-KERNEL=debian12 TIMEOUT_MIN=60 SLOWDOWN=8 REBUILD=0
+KERNEL=debian12 TIMEOUT_MIN=60 SLOWDOWN=8 REBUILD=0 TCG_THREADS=multi
 CMD=()
 parse_args() {
   while [ $# -gt 0 ]; do
@@ -70,6 +71,8 @@ parse_args() {
       --slowdown) [ $# -ge 2 ] || die "--slowdown needs a factor"; SLOWDOWN="$2"; shift 2 ;;
       --slowdown=*) SLOWDOWN="${1#*=}"; shift ;;
       --rebuild) REBUILD=1; shift ;;
+      --tcg-threads) [ $# -ge 2 ] || die "--tcg-threads needs multi or single"; TCG_THREADS="$2"; shift 2 ;;
+      --tcg-threads=*) TCG_THREADS="${1#*=}"; shift ;;
       --) shift; CMD=("$@"); break ;;
       -h|--help) usage ;;
       *) die "unknown argument '$1' (put the guest command after --)" ;;
@@ -81,6 +84,7 @@ parse_args() {
     *) die "--kernel must be debian12 or debian13, not '$KERNEL'" ;;
   esac
   [[ "$TIMEOUT_MIN" =~ ^[0-9]+$ ]] && [ "$TIMEOUT_MIN" -gt 0 ] || die "--timeout must be whole minutes > 0"
+  case "$TCG_THREADS" in multi|single) ;; *) die "--tcg-threads must be multi or single, not '$TCG_THREADS'" ;; esac
   [[ "$SLOWDOWN" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "--slowdown must be a number"
 }
 
@@ -385,13 +389,16 @@ build_image_locked() {
 # command in OUT/cmd, stream its stdout/stderr, wait for power-off within TIMEOUT_MIN. Sets
 # GUEST_STATUS and the *_SECONDS timings; dies on timeout or when the guest reports nothing.
 # SERIAL is where the console goes; SHOWN is the path error messages name (a kept copy).
+# Multi-threaded TCG runs each vCPU on its own host thread (fast), but the guest kernel's live
+# text patching (int3 + IPI when a tracepoint is switched on) has oopsed under it in long runs;
+# single-threaded TCG runs both vCPUs round-robin on one host thread, slower but exact.
 boot_guest() {
   local disk="$1" out="$2" cache="$3" serial="$4" shown="${5:-$4}" log="$2/../qemu.log"
   local qpid tpids=() t0 rc timed_out=0
   BOOT_SECONDS="?"
   : > "$out/stdout"; : > "$out/stderr"; rm -f "$out/status" "$out/booted"
   t0=$(now)
-  qemu-system-x86_64 -name "ebpf-guard-$KERNEL" -accel tcg,thread=multi -cpu max -m 4096 -smp 2 \
+  qemu-system-x86_64 -name "ebpf-guard-$KERNEL" -accel "tcg,thread=$TCG_THREADS" -cpu max -m 4096 -smp 2 \
     -nographic -monitor none -serial "file:$serial" -no-reboot -nic none \
     -kernel "$VMLINUZ" -initrd "$INITRD" \
     -append "root=/dev/vda rw console=ttyS0 panic=1 ebpf_guard.harness=1" \
