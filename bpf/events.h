@@ -17,6 +17,8 @@
 #define EG_NAME_LEN 64       /* exec-kill basename key */
 #define EG_UNIX_PATH_LEN 108 /* sizeof(sockaddr_un.sun_path) */
 #define EG_MAX_CGROUPS 8     /* cgroups watched at once */
+#define EG_REAL_LEN 512      /* a kernel-resolved path, at most EG_REAL_LEN - 1 bytes; power of two */
+#define EG_STRS_LEN 2048     /* ev_path strings: path, path2, real, real2 (256+256+512+512 max) */
 
 /* ev_hdr.kind; same order as ebpf_guard.events.Kind */
 #define EG_K_EXEC 1
@@ -26,6 +28,13 @@
 #define EG_K_FORK 5
 #define EG_K_EXIT 6
 #define EG_K_CHDIR 7
+#define EG_K_RENAME 8
+#define EG_K_LINK 9
+#define EG_K_SYMLINK 10
+#define EG_K_TRUNCATE 11
+#define EG_K_MMAP_EXEC 12
+#define EG_K_IO_URING 13
+#define EG_K_PTRACE 14
 
 /* ev_hdr.flags */
 #define EG_F_KILLED 0x1      /* exec: bpf_send_signal(SIGKILL) was sent at syscall entry */
@@ -34,6 +43,13 @@
 #define EG_F_NO_PROC 0x8     /* process started before attach and was not seeded: ppid/start_ns = 0 */
 #define EG_F_TRACKED 0x10    /* in scope through the pid-tracked set (--pid mode) */
 #define EG_F_HELD 0x20       /* exec: bpf_send_signal(SIGSTOP) at syscall entry: held until decided */
+#define EG_F_REAL 0x40       /* real (and dev/ino where the kind has an object) came from a BTF walk */
+#define EG_F_REAL_CUT 0x80   /* that walk hit a bound: real is only the deepest part */
+#define EG_F_REAL2 0x100     /* real2 came from a BTF walk */
+#define EG_F_REAL2_CUT 0x200
+#define EG_F_SENDTO 0x400    /* connect kind: a sendto() with a destination */
+#define EG_F_SENDMSG 0x800   /* connect kind: a sendmsg() with msg_name */
+#define EG_F_BY_INODE 0x1000 /* exec/mmap: KILLED or HELD because the file's inode is listed */
 
 /* Values of the exec_names / exec_paths maps: what the kernel does at exec entry. */
 #define EG_EXEC_KILL 1       /* SIGKILL: the exec is aborted, the program never runs */
@@ -57,14 +73,34 @@ struct ev_hdr {
     char comm[EG_COMM_LEN];
 };
 
-/* open, unlink, chdir */
+/* Identity of an object, resolved in the kernel (EG_F_REAL): see sensor.c's walk_path(). */
+struct ev_obj {
+    __u64 dev;      /* super_block.s_dev, kernel encoding (MAJOR << 20 | MINOR); 0 = none */
+    __u64 ino;      /* inode.i_ino; 0 = none */
+    __u32 real_len; /* bytes of real (no NUL) */
+    __u32 real2_len;
+};
+
+/* open, unlink, chdir, rename, link, symlink, truncate, mmap_exec. The strings are packed:
+ * path (h.path_len bytes, NUL included), path2 (path2_len, NUL included), real (obj.real_len),
+ * real2 (obj.real2_len); only the bytes used are submitted.
+ *   real: the object (open, ftruncate, mmap: the fd's file; chdir: the new cwd) or, for
+ *   kinds that name a directory entry (unlink, rename, link, symlink, truncate(path)), the
+ *   real path of the directory the name is relative to (dirfd or cwd).
+ *   path2/real2: rename/link/symlink: the new name and its base directory. */
 struct ev_path {
     struct ev_hdr h;
-    char path[EG_PATH_LEN];
+    struct ev_obj obj;
+    __u32 path2_len;
+    __u32 _pad;
+    char strs[EG_STRS_LEN];
 };
 
 struct ev_exec {
     struct ev_hdr h;
+    struct ev_obj obj;  /* the binary that runs (mm->exe_file), at exit; real2: the cwd */
+    char real[EG_REAL_LEN];
+    char cwd[EG_REAL_LEN]; /* fs->pwd at exit: what relative operands mean */
     char path[EG_PATH_LEN];
     __u32 argc; /* argv slots filled */
     __u32 _pad;
@@ -105,5 +141,16 @@ struct exec_path_key {
 struct exec_name_key {
     char s[EG_NAME_LEN];
 };
+
+/* exec_inodes: a listed program by its file (dev in kernel encoding), whatever its name. */
+struct inode_key {
+    __u64 dev;
+    __u64 ino;
+};
+
+/* lost[]: samples perf_submit could not write, per buffer (0 urgent, 1 bulk), counted in the
+ * kernel so the guard sees a loss on its next poll, not with the next sample on that CPU. */
+#define EG_LOST_URGENT 0
+#define EG_LOST_BULK 1
 
 #endif

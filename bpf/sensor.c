@@ -2,9 +2,11 @@
  * tracked-pid set. Loaded by ebpf_guard/sensor.py with -I bpf/.
  *
  * Rules of this file (see docs/sensor.md):
- *  - never read kernel structs: bcc compiles against headers that do not match the running
- *    kernel, so offsets are wrong. Only tracepoint args (bcc reads their format at runtime)
- *    and BPF helpers.
+ *  - kernel structs are read only through EG_OFF_* offsets, which the loader takes from the
+ *    running kernel's BTF (ebpf_guard/sensor/btf.py), never through the headers bcc compiles
+ *    against (they do not match the running kernel: offsets would be wrong, reads silently
+ *    0). Without BTF (no EG_HAVE_BTF) nothing is walked: events carry only what the process
+ *    passed, and userspace says so.
  *  - an out-of-scope task costs one scope check and emits nothing.
  *  - events bigger than the 512-byte stack are built in per-CPU scratch maps.
  *  - written for the strictest verifier of the matrix (Debian 12's 6.1; also 6.12, 6.18):
@@ -24,6 +26,12 @@
 #define EG_AF_INET6 10
 #define EG_SIGKILL 9
 #define EG_SIGSTOP 19
+
+#define EG_PROT_EXEC 0x4
+#define EG_MAP_ANONYMOUS 0x20
+#define EG_PTRACE_ATTACH 16
+#define EG_PTRACE_SEIZE 0x4206
+#define EG_MAX_DEPTH 40      /* dentries + mount crossings walked per path */
 
 /* Layout cross-check with the ctypes mirror (values passed by the loader). */
 _Static_assert(sizeof(struct ev_hdr) == PY_SIZEOF_HDR, "ev_hdr != events.RawEvent");
@@ -48,7 +56,7 @@ BPF_HASH(exec_paths, struct exec_path_key, u8, 1024);
 BPF_HASH(exec_names, struct exec_name_key, u8, 1024);
 
 /* Per-thread open/chdir state between sys_enter and sys_exit (key: pid_tgid). */
-BPF_HASH(stash, u64, struct ev_path, 16384);
+BPF_HASH(stash, u64, struct ev_path, 4096);
 
 /* Scratch (per CPU): the biggest event, and zeroed lookup keys for the kill maps. */
 BPF_PERCPU_ARRAY(scratch, struct ev_exec, 1);
@@ -60,6 +68,250 @@ struct exec_keys {
     u32 base;
 };
 BPF_PERCPU_ARRAY(keybuf, struct exec_keys, 1);
+/* Exec/mmap rules by file identity: value EG_EXEC_KILL or EG_EXEC_HOLD. */
+BPF_HASH(exec_inodes, struct inode_key, u8, 4096);
+BPF_PERCPU_ARRAY(lost, u64, 2);
+
+/* perf_submit, counting what it could not write (see events.h, lost[]). Functions, not
+ * macros: bcc rewrites map calls only outside macros. */
+static __always_inline void count_lost(u32 which)
+{
+    u64 *n = lost.lookup(&which);
+    if (n)
+        (*n)++;
+}
+
+static __always_inline void submit_urgent(void *ctx, void *data, u32 size)
+{
+    if (urgent.perf_submit(ctx, data, size) < 0)
+        count_lost(EG_LOST_URGENT);
+}
+
+static __always_inline void submit_bulk(void *ctx, void *data, u32 size)
+{
+    if (bulk.perf_submit(ctx, data, size) < 0)
+        count_lost(EG_LOST_BULK);
+}
+
+/* ---- kernel objects, read with the running kernel's BTF offsets ------------------------ */
+
+/* The walk's state lives in this map value, not in registers: the verifier does not track
+ * values through map memory, so every iteration reaches the loop head in the same state and
+ * is pruned (in registers, each (offset, crossed-a-mount) history was a new state and 40
+ * steps exceeded the verifier's budget). */
+struct walk_buf {
+    u64 dentry;
+    u64 vfsmnt;
+    u64 mnt;         /* struct mount * of vfsmnt */
+    u64 root_dentry; /* the task's root: where the walk stops */
+    u64 root_mnt;
+    u32 off;         /* the path is b[off .. EG_REAL_LEN) */
+    u32 state;       /* 0 walking, 1 done, 2 cut */
+    char b[2 * EG_REAL_LEN];
+};
+BPF_PERCPU_ARRAY(walkbuf, struct walk_buf, 1);
+
+struct kpath {
+    void *dentry;
+    void *mnt; /* struct vfsmount * */
+};
+
+#ifdef EG_HAVE_BTF
+#define OFF(s, m) EG_OFF_##s##__##m
+
+static __always_inline void *kptr(void *base, u32 off)
+{
+    void *p = 0;
+    bpf_probe_read_kernel(&p, sizeof(p), (char *)base + off);
+    return p;
+}
+
+static __always_inline u32 ku32(void *base, u32 off)
+{
+    u32 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), (char *)base + off);
+    return v;
+}
+
+static __always_inline void *task(void)
+{
+    return (void *)bpf_get_current_task();
+}
+
+/* The file behind fd in the current task's table, or 0. */
+static __always_inline void *file_of_fd(int fd)
+{
+    if (fd < 0)
+        return 0;
+    void *files = kptr(task(), OFF(task_struct, files));
+    if (!files)
+        return 0;
+    void *fdt = kptr(files, OFF(files_struct, fdt));
+    if (!fdt || (u32)fd >= ku32(fdt, OFF(fdtable, max_fds)))
+        return 0;
+    void *arr = kptr(fdt, OFF(fdtable, fd));
+    if (!arr)
+        return 0;
+    return kptr(arr, (u32)fd * sizeof(void *));
+}
+
+static __always_inline int kpath_of_file(void *file, struct kpath *p)
+{
+    if (!file)
+        return 0;
+    p->dentry = kptr(file, OFF(file, f_path) + OFF(path, dentry));
+    p->mnt = kptr(file, OFF(file, f_path) + OFF(path, mnt));
+    return p->dentry && p->mnt;
+}
+
+/* The directory a name passed with dirfd is relative to: the fd's file, or the cwd. */
+static __always_inline int kpath_of_dirfd(int dfd, struct kpath *p)
+{
+    if (dfd == EG_AT_FDCWD) {
+        void *fs = kptr(task(), OFF(task_struct, fs));
+        if (!fs)
+            return 0;
+        p->dentry = kptr(fs, OFF(fs_struct, pwd) + OFF(path, dentry));
+        p->mnt = kptr(fs, OFF(fs_struct, pwd) + OFF(path, mnt));
+        return p->dentry && p->mnt;
+    }
+    return kpath_of_file(file_of_fd(dfd), p);
+}
+
+static __always_inline void obj_of_file(void *file, struct ev_obj *o)
+{
+    void *inode = kptr(file, OFF(file, f_inode));
+    if (!inode)
+        return;
+    bpf_probe_read_kernel(&o->ino, sizeof(o->ino), (char *)inode + OFF(inode, i_ino));
+    void *sb = kptr(inode, OFF(inode, i_sb));
+    if (sb)
+        o->dev = ku32(sb, OFF(super_block, s_dev));
+}
+
+/* d_path() without kprobes: walk dentry -> d_parent up to the task's root, crossing mount
+ * points (struct mount holds the vfsmount), writing components backwards into the per-CPU
+ * walk buffer. Returns the start offset: the path is b[start .. EG_REAL_LEN), no NUL.
+ * *cut is set when a bound (EG_MAX_DEPTH steps, EG_REAL_LEN - 1 bytes) stopped the walk. */
+static __always_inline u32 walk_path(struct walk_buf *wb, struct kpath *p, u32 *cut)
+{
+    volatile struct walk_buf *w = wb;
+    void *fs = kptr(task(), OFF(task_struct, fs));
+    w->root_dentry = (u64)kptr(fs, OFF(fs_struct, root) + OFF(path, dentry));
+    w->root_mnt = (u64)kptr(fs, OFF(fs_struct, root) + OFF(path, mnt));
+    w->dentry = (u64)p->dentry;
+    w->vfsmnt = (u64)p->mnt;
+    w->mnt = (u64)p->mnt - OFF(mount, mnt);
+    w->off = EG_REAL_LEN;
+    w->state = 0;
+#pragma clang loop unroll(disable)
+    for (int i = 0; i < EG_MAX_DEPTH; i++) {
+        if (w->state)
+            break;
+        void *dentry = (void *)w->dentry;
+        void *vfsmnt = (void *)w->vfsmnt;
+        if (w->dentry == w->root_dentry && w->vfsmnt == w->root_mnt) {
+            w->state = 1;
+            continue;
+        }
+        void *mnt_root = kptr(vfsmnt, OFF(vfsmount, mnt_root));
+        void *parent = kptr(dentry, OFF(dentry, d_parent));
+        if (dentry == mnt_root || dentry == parent) {
+            void *mnt = (void *)w->mnt;
+            void *mparent = kptr(mnt, OFF(mount, mnt_parent));
+            if (dentry != mnt_root || mparent == mnt || !mparent) {
+                w->state = 1; /* the top of the mount tree (or of a detached/internal mount) */
+                continue;
+            }
+            w->dentry = (u64)kptr(mnt, OFF(mount, mnt_mountpoint));
+            w->mnt = (u64)mparent;
+            w->vfsmnt = (u64)mparent + OFF(mount, mnt);
+            continue;
+        }
+        u32 len = ku32(dentry, OFF(dentry, d_name) + OFF(qstr, len));
+        void *name = kptr(dentry, OFF(dentry, d_name) + OFF(qstr, name));
+        if (len > 255)
+            len = 255;
+        u32 off = w->off;
+        if (len + 1 >= off) {
+            w->state = 2;
+            continue;
+        }
+        off -= len + 1;
+        w->off = off;
+        u32 at = off & (EG_REAL_LEN - 1);
+        wb->b[at] = '/';
+        bpf_probe_read_kernel(&wb->b[at + 1], len & 255, name);
+        w->dentry = (u64)parent;
+    }
+    *cut = w->state != 1;
+    u32 off = w->off;
+    if (off >= EG_REAL_LEN) {
+        off = EG_REAL_LEN - 1;
+        wb->b[off] = '/'; /* the root itself */
+    }
+    return off;
+}
+
+/* Walk p and append the result to dst at a bounded offset; returns its length. */
+static __always_inline u32 walk_into(char *dst, struct kpath *p, u32 *cut)
+{
+    u32 zero = 0;
+    struct walk_buf *wb = walkbuf.lookup(&zero);
+    if (!wb)
+        return 0;
+    u32 start = walk_path(wb, p, cut) & (EG_REAL_LEN - 1);
+    u32 n = (EG_REAL_LEN - start) & (EG_REAL_LEN - 1);
+    bpf_probe_read_kernel(dst, n, &wb->b[start]);
+    return n;
+}
+
+static __always_inline u32 real_parent_tgid(void)
+{
+    void *parent = kptr(task(), OFF(task_struct, real_parent));
+    return parent ? ku32(parent, OFF(task_struct, tgid)) : 0;
+}
+#endif /* EG_HAVE_BTF */
+
+/* Where the strings of an ev_path go: each offset masked so the verifier sees its bound. */
+static __always_inline u32 strs_real_at(struct ev_path *ev)
+{
+    return ((ev->h.path_len & (EG_PATH_LEN * 2 - 1)) + (ev->path2_len & (EG_PATH_LEN * 2 - 1))) & 1023;
+}
+
+/* Resolve the object of a file into ev (dev, ino, real path). */
+static __always_inline void set_real_file(struct ev_path *ev, void *file)
+{
+#ifdef EG_HAVE_BTF
+    struct kpath p = {};
+    if (!kpath_of_file(file, &p))
+        return;
+    obj_of_file(file, &ev->obj);
+    u32 cut = 0;
+    ev->obj.real_len = walk_into(&ev->strs[strs_real_at(ev)], &p, &cut);
+    ev->h.flags |= EG_F_REAL | (cut ? EG_F_REAL_CUT : 0);
+#endif
+}
+
+/* Resolve the base directory of a name passed with dirfd (first or second name). Only for
+ * a relative name: an absolute one does not depend on it. */
+static __always_inline void set_real_dir(struct ev_path *ev, int dfd, int second)
+{
+#ifdef EG_HAVE_BTF
+    struct kpath p = {};
+    if (!kpath_of_dirfd(dfd, &p))
+        return;
+    u32 cut = 0;
+    if (!second) {
+        ev->obj.real_len = walk_into(&ev->strs[strs_real_at(ev)], &p, &cut);
+        ev->h.flags |= EG_F_REAL | (cut ? EG_F_REAL_CUT : 0);
+    } else {
+        u32 at = strs_real_at(ev) + (ev->obj.real_len & (EG_REAL_LEN - 1)); /* <= 1534 */
+        ev->obj.real2_len = walk_into(&ev->strs[at], &p, &cut);
+        ev->h.flags |= EG_F_REAL2 | (cut ? EG_F_REAL2_CUT : 0);
+    }
+#endif
+}
 
 /* 0 = out of scope; otherwise EG_F_TRACKED or 1. */
 static __always_inline u32 in_scope(u32 tgid, struct scope_cfg *cfg)
@@ -111,6 +363,12 @@ static __always_inline void fill_hdr(struct ev_hdr *h, u32 kind, u64 id, u32 sco
         h->start_ns = 0;
         h->flags |= EG_F_NO_PROC;
     }
+#ifdef EG_HAVE_BTF
+    /* The parent now (a reparented orphan's is the subreaper), from the task itself. */
+    u32 rp = real_parent_tgid();
+    if (rp)
+        h->ppid = rp;
+#endif
     bpf_get_current_comm(h->comm, sizeof(h->comm));
 }
 
@@ -145,21 +403,24 @@ static __always_inline void read_path(struct ev_hdr *h, char *dst, const char *s
         h->flags |= EG_F_PATH_TRUNC;
 }
 
-static __always_inline u32 path_event_size(u32 n)
+static __always_inline u32 path_event_size(struct ev_path *ev)
 {
-    /* Header + the bytes read. The mask and clamp give the verifier its bound. */
-    n &= (2 * EG_PATH_LEN - 1);
-    if (n > EG_PATH_LEN)
-        n = EG_PATH_LEN;
-    return sizeof(struct ev_hdr) + n;
+    /* Header + the bytes used. The masks and clamp give the verifier its bound. */
+    u32 n = (ev->h.path_len & 511) + (ev->path2_len & 511) + (ev->obj.real_len & 511) +
+            (ev->obj.real2_len & 511);
+    n += offsetof(struct ev_path, strs);
+    return n > sizeof(struct ev_path) ? sizeof(struct ev_path) : n;
 }
 
-/* ---- open / chdir: stash at enter, emit at exit with the result --------------------- */
+/* ---- path syscalls: stashed at enter (user memory is only sure to be readable then, and
+ * a dirfd is resolved as it was when the call was made), emitted at exit with the result --
+ * Only in-scope threads stash, so the exit handlers' scope check is one stash lookup. */
 
-/* Stash the path at entry (user memory is only guaranteed readable now); the exit
- * handler adds ret and emits. Only in-scope threads stash, so the exit handlers' scope
- * check is a single stash lookup. */
-static __always_inline int stash_enter(u32 kind, int dfd, const char *fname, u32 flags)
+#define EG_BASE_NONE 0  /* the name needs no base directory (or has none: fchdir) */
+#define EG_BASE_DIRFD 1 /* resolve the dirfd (or cwd) the name is relative to */
+
+static __always_inline struct ev_path *path_enter(u32 kind, int dfd, const char *fname, u32 flags,
+                                                  int base)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 sc = watched(id >> 32);
@@ -168,44 +429,88 @@ static __always_inline int stash_enter(u32 kind, int dfd, const char *fname, u32
     struct ev_path *ev = new_event(kind, id, sc);
     if (!ev)
         return 0;
+    ev->obj.dev = 0;
+    ev->obj.ino = 0;
+    ev->obj.real_len = 0;
+    ev->obj.real2_len = 0;
+    ev->path2_len = 0;
     ev->h.fd = dfd;
     ev->h.sc_flags = flags;
     if (fname)
-        read_path(&ev->h, ev->path, fname);
+        read_path(&ev->h, ev->strs, fname);
+    if (base == EG_BASE_DIRFD && fname && ev->strs[0] != '/')
+        set_real_dir(ev, dfd, 0);
+    return ev;
+}
+
+static __always_inline int stash_enter(u32 kind, int dfd, const char *fname, u32 flags, int base)
+{
+    struct ev_path *ev = path_enter(kind, dfd, fname, flags, base);
+    if (ev) {
+        u64 id = bpf_get_current_pid_tgid();
+        stash.update(&id, ev);
+    }
+    return 0;
+}
+
+/* Two names (rename, link, symlink): the second one and its base directory. */
+static __always_inline int stash_enter2(u32 kind, int odfd, const char *oldname, int ndfd,
+                                        const char *newname, u32 flags, int old_base)
+{
+    /* The first name's base is walked after the second name is read: strings are packed
+     * in the order path, path2, real, real2. */
+    struct ev_path *ev = path_enter(kind, odfd, oldname, flags, EG_BASE_NONE);
+    if (!ev)
+        return 0;
+    u32 at = ev->h.path_len & (EG_PATH_LEN * 2 - 1); /* <= EG_PATH_LEN */
+    int n = bpf_probe_read_user_str(&ev->strs[at], EG_PATH_LEN, newname);
+    if (n < 0) {
+        ev->strs[at] = 0;
+        n = 0;
+    }
+    if (n >= EG_PATH_LEN)
+        ev->h.flags |= EG_F_PATH_TRUNC;
+    ev->path2_len = n;
+    ev->h.child_pid = (u32)ndfd; /* the second name's dirfd (AT_FDCWD = -100 as u32) */
+    if (old_base == EG_BASE_DIRFD && ev->h.path_len > 0 && ev->strs[0] != '/')
+        set_real_dir(ev, odfd, 0);
+    if (n > 0 && ev->strs[at] != '/')
+        set_real_dir(ev, ndfd, 1);
+    u64 id = bpf_get_current_pid_tgid();
     stash.update(&id, ev);
     return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_openat)
 {
-    return stash_enter(EG_K_OPEN, (int)args->dfd, args->filename, (u32)args->flags);
+    return stash_enter(EG_K_OPEN, (int)args->dfd, args->filename, (u32)args->flags, EG_BASE_NONE);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_open)
 {
-    return stash_enter(EG_K_OPEN, EG_AT_FDCWD, args->filename, (u32)args->flags);
+    return stash_enter(EG_K_OPEN, EG_AT_FDCWD, args->filename, (u32)args->flags, EG_BASE_NONE);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_openat2)
 {
     u64 how_flags = 0;
     bpf_probe_read_user(&how_flags, sizeof(how_flags), (void *)args->how); /* open_how.flags */
-    return stash_enter(EG_K_OPEN, (int)args->dfd, args->filename, (u32)how_flags);
+    return stash_enter(EG_K_OPEN, (int)args->dfd, args->filename, (u32)how_flags, EG_BASE_NONE);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_chdir)
 {
-    return stash_enter(EG_K_CHDIR, EG_AT_FDCWD, args->filename, 0);
+    return stash_enter(EG_K_CHDIR, EG_AT_FDCWD, args->filename, 0, EG_BASE_NONE);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_fchdir)
 {
-    return stash_enter(EG_K_CHDIR, (int)args->fd, 0, 0);
+    return stash_enter(EG_K_CHDIR, (int)args->fd, 0, 0, EG_BASE_NONE);
 }
 
 /* The timestamp is taken at exit, right before the submit, not at entry: an open that
  * blocked (a FIFO) must not carry a time older than the events written while it blocked,
- * or poll()'s time cut (see sensor.py) would deliver it after them. */
+ * or poll()'s time cut (see transport.py) would deliver it after them. */
 static __always_inline struct ev_path *stash_take(long ret)
 {
     /* Scope first: for the out-of-scope majority a helper call and a compare are
@@ -217,65 +522,233 @@ static __always_inline struct ev_path *stash_take(long ret)
     if (!ev)
         return 0;
     ev->h.ret = ret;
-    ev->h.ts_ns = bpf_ktime_get_ns();
     return ev;
 }
 
-static __always_inline int emit_stashed(void *ctx, long ret, int to_urgent)
+static __always_inline int emit_stashed(void *ctx, struct ev_path *ev, int to_urgent)
 {
-    struct ev_path *ev = stash_take(ret);
-    if (!ev)
-        return 0;
+    ev->h.ts_ns = bpf_ktime_get_ns();
     if (to_urgent)
-        urgent.perf_submit(ctx, ev, path_event_size(ev->h.path_len));
+        submit_urgent(ctx, ev, path_event_size(ev));
     else
-        bulk.perf_submit(ctx, ev, path_event_size(ev->h.path_len));
+        submit_bulk(ctx, ev, path_event_size(ev));
     u64 id = bpf_get_current_pid_tgid();
     stash.delete(&id);
     return 0;
 }
 
-#define emit_bulk(ctx, ret) emit_stashed(ctx, ret, 0)
-#define emit_urgent(ctx, ret) emit_stashed(ctx, ret, 1)
+static __always_inline int emit_bulk(void *ctx, long ret)
+{
+    struct ev_path *ev = stash_take(ret);
+    return ev ? emit_stashed(ctx, ev, 0) : 0;
+}
 
-TRACEPOINT_PROBE(syscalls, sys_exit_openat) { return emit_bulk(args, args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_open) { return emit_bulk(args, args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_openat2) { return emit_bulk(args, args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_chdir) { return emit_urgent(args, args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_exit_fchdir) { return emit_urgent(args, args->ret); }
+/* open: the object is the file the returned fd is, whatever name reached it (a symlink, a
+ * hard link, /proc/self/root/..., a path too long for the requested-path buffer). */
+static __always_inline int open_exit(void *ctx, long ret)
+{
+    struct ev_path *ev = stash_take(ret);
+    if (!ev)
+        return 0;
+#ifdef EG_HAVE_BTF
+    if (ret >= 0)
+        set_real_file(ev, file_of_fd((int)ret));
+#endif
+    return emit_stashed(ctx, ev, 0);
+}
 
-/* ---- unlink: stashed at entry, emitted at exit with the result ----------------------
- * Rate rules count deletions that happened: git, editors and build tools unlink files that
- * do not exist (ENOENT) all the time, and those must not add up to a "mass delete". */
+static __always_inline int chdir_exit(void *ctx, long ret)
+{
+    struct ev_path *ev = stash_take(ret);
+    if (!ev)
+        return 0;
+    if (ret == 0)
+        set_real_dir(ev, EG_AT_FDCWD, 0); /* the new cwd, as the kernel holds it */
+    return emit_stashed(ctx, ev, 1);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_openat) { return open_exit(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_open) { return open_exit(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_openat2) { return open_exit(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_chdir) { return chdir_exit(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_fchdir) { return chdir_exit(args, args->ret); }
+
+/* ---- unlink: rate rules count deletions that happened: git, editors and build tools
+ * unlink files that do not exist (ENOENT) all the time, and those must not add up to a
+ * "mass delete". */
 
 TRACEPOINT_PROBE(syscalls, sys_enter_unlinkat)
 {
-    return stash_enter(EG_K_UNLINK, (int)args->dfd, args->pathname, (u32)args->flag);
+    return stash_enter(EG_K_UNLINK, (int)args->dfd, args->pathname, (u32)args->flag, EG_BASE_DIRFD);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_unlink)
 {
-    return stash_enter(EG_K_UNLINK, EG_AT_FDCWD, args->pathname, 0);
+    return stash_enter(EG_K_UNLINK, EG_AT_FDCWD, args->pathname, 0, EG_BASE_DIRFD);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_rmdir)
 {
-    return stash_enter(EG_K_UNLINK, EG_AT_FDCWD, args->pathname, 0x200 /* AT_REMOVEDIR */);
+    return stash_enter(EG_K_UNLINK, EG_AT_FDCWD, args->pathname, 0x200 /* AT_REMOVEDIR */,
+                       EG_BASE_DIRFD);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_unlinkat) { return emit_bulk(args, args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_unlink) { return emit_bulk(args, args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_rmdir) { return emit_bulk(args, args->ret); }
 
-/* ---- connect ---------------------------------------------------------------------- */
+/* ---- rename, link, symlink, truncate ------------------------------------------------ */
 
-TRACEPOINT_PROBE(syscalls, sys_enter_connect)
+TRACEPOINT_PROBE(syscalls, sys_enter_renameat2)
+{
+    return stash_enter2(EG_K_RENAME, (int)args->olddfd, args->oldname, (int)args->newdfd,
+                        args->newname, (u32)args->flags, EG_BASE_DIRFD);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_renameat)
+{
+    return stash_enter2(EG_K_RENAME, (int)args->olddfd, args->oldname, (int)args->newdfd,
+                        args->newname, 0, EG_BASE_DIRFD);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_rename)
+{
+    return stash_enter2(EG_K_RENAME, EG_AT_FDCWD, args->oldname, EG_AT_FDCWD, args->newname, 0,
+                        EG_BASE_DIRFD);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_linkat)
+{
+    return stash_enter2(EG_K_LINK, (int)args->olddfd, args->oldname, (int)args->newdfd,
+                        args->newname, (u32)args->flags, EG_BASE_DIRFD);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_link)
+{
+    return stash_enter2(EG_K_LINK, EG_AT_FDCWD, args->oldname, EG_AT_FDCWD, args->newname, 0,
+                        EG_BASE_DIRFD);
+}
+
+/* symlink: the first name is the link's target, stored as text and never resolved. */
+TRACEPOINT_PROBE(syscalls, sys_enter_symlinkat)
+{
+    return stash_enter2(EG_K_SYMLINK, EG_AT_FDCWD, args->oldname, (int)args->newdfd,
+                        args->newname, 0, EG_BASE_NONE);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_symlink)
+{
+    return stash_enter2(EG_K_SYMLINK, EG_AT_FDCWD, args->oldname, EG_AT_FDCWD, args->newname, 0,
+                        EG_BASE_NONE);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_truncate)
+{
+    return stash_enter(EG_K_TRUNCATE, EG_AT_FDCWD, args->path, 0, EG_BASE_DIRFD);
+}
+
+/* ftruncate: no name; the object is the fd's file. */
+TRACEPOINT_PROBE(syscalls, sys_enter_ftruncate)
+{
+    struct ev_path *ev = path_enter(EG_K_TRUNCATE, (int)args->fd, 0, 0, EG_BASE_NONE);
+    if (!ev)
+        return 0;
+#ifdef EG_HAVE_BTF
+    set_real_file(ev, file_of_fd((int)args->fd));
+#endif
+    u64 id = bpf_get_current_pid_tgid();
+    stash.update(&id, ev);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_renameat2) { return emit_bulk(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_renameat) { return emit_bulk(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_rename) { return emit_bulk(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_linkat) { return emit_bulk(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_link) { return emit_bulk(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_symlinkat) { return emit_bulk(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_symlink) { return emit_bulk(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_truncate) { return emit_bulk(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_ftruncate) { return emit_bulk(args, args->ret); }
+
+/* ---- code loaded without an exec: mmap(PROT_EXEC) of a file ----------------------------
+ * `ld.so /usr/bin/curl` runs curl with ld.so as the exec'd program; curl arrives here. A
+ * listed program (exec_inodes) is stopped before its code can be mapped. */
+
+static __always_inline int inode_action(struct ev_obj *o)
+{
+    struct inode_key k = {.dev = o->dev, .ino = o->ino};
+    u8 *act = exec_inodes.lookup(&k);
+    return act ? *act : 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
+{
+    if (!(args->prot & EG_PROT_EXEC) || (args->flags & EG_MAP_ANONYMOUS) || (int)args->fd < 0)
+        return 0;
+    struct ev_path *ev = path_enter(EG_K_MMAP_EXEC, (int)args->fd, 0, (u32)args->prot, EG_BASE_NONE);
+    if (!ev)
+        return 0;
+#ifdef EG_HAVE_BTF
+    set_real_file(ev, file_of_fd((int)args->fd));
+    struct scope_cfg *cfg = get_cfg();
+    if (cfg && cfg->exec_rules && ev->obj.ino) {
+        int act = inode_action(&ev->obj);
+        if (act == EG_EXEC_KILL) {
+            bpf_send_signal(EG_SIGKILL);
+            ev->h.flags |= EG_F_KILLED | EG_F_BY_INODE;
+        } else if (act == EG_EXEC_HOLD) {
+            bpf_send_signal(EG_SIGSTOP);
+            ev->h.flags |= EG_F_HELD | EG_F_BY_INODE;
+        }
+    }
+#endif
+    submit_urgent(args, ev, path_event_size(ev));
+    return 0;
+}
+
+/* ---- io_uring and ptrace: events of their own ------------------------------------------ */
+
+static __always_inline int emit_hdr(void *ctx, u32 kind, u32 sc_flags, u32 target)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 sc = watched(id >> 32);
     if (!sc)
         return 0;
-    const char *ua = (const char *)args->uservaddr;
+    struct ev_hdr *h = new_event(kind, id, sc);
+    if (!h)
+        return 0;
+    h->sc_flags = sc_flags;
+    h->child_pid = target;
+    submit_urgent(ctx, h, sizeof(struct ev_hdr));
+    return 0;
+}
+
+/* io_uring's own opens, reads and connects do not pass the syscall tracepoints. */
+TRACEPOINT_PROBE(syscalls, sys_enter_io_uring_setup)
+{
+    return emit_hdr(args, EG_K_IO_URING, (u32)args->entries, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_ptrace)
+{
+    long req = args->request;
+    if (req != EG_PTRACE_ATTACH && req != EG_PTRACE_SEIZE)
+        return 0;
+    return emit_hdr(args, EG_K_PTRACE, (u32)req, (u32)args->pid);
+}
+
+/* ---- connect ---------------------------------------------------------------------- */
+
+/* A destination passed to connect, or to sendto/sendmsg without a connect (UDP, TCP Fast
+ * Open): one connect-kind event, via told apart by EG_F_SENDTO / EG_F_SENDMSG. */
+static __always_inline int dest_event(void *ctx, int fd, const char *ua, u32 addrlen, u32 via,
+                                      u32 sc_flags)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 sc = watched(id >> 32);
+    if (!sc || !ua)
+        return 0;
     u16 family = 0;
     bpf_probe_read_user(&family, sizeof(family), ua);
     if (family != EG_AF_INET && family != EG_AF_INET6 && family != EG_AF_UNIX)
@@ -283,9 +756,11 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect)
     struct ev_connect *ev = new_event(EG_K_CONNECT, id, sc);
     if (!ev)
         return 0;
-    ev->h.fd = (int)args->fd;
+    ev->h.fd = fd;
+    ev->h.flags |= via;
+    ev->h.sc_flags = sc_flags;
     ev->family = family;
-    ev->addrlen = (u32)args->addrlen;
+    ev->addrlen = addrlen;
     ev->port = 0;
     if (family == EG_AF_INET) {
         bpf_probe_read_user(&ev->port, 2, ua + 2);   /* sockaddr_in.sin_port */
@@ -302,8 +777,40 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect)
         if (n > 0)
             bpf_probe_read_user(ev->unix_path, n, ua + 2);
     }
-    bulk.perf_submit(args, ev, sizeof(struct ev_connect));
+    submit_bulk(ctx, ev, sizeof(struct ev_connect));
     return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_connect)
+{
+    return dest_event(args, (int)args->fd, (const char *)args->uservaddr, (u32)args->addrlen, 0, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto)
+{
+    return dest_event(args, (int)args->fd, (const char *)args->addr, (u32)args->addr_len,
+                      EG_F_SENDTO, (u32)args->flags);
+}
+
+/* struct user_msghdr (uapi): msg_name at 0, msg_namelen at 8. */
+static __always_inline int msg_dest(void *ctx, int fd, const void *msg, u32 flags)
+{
+    const char *name = 0;
+    u32 namelen = 0;
+    bpf_probe_read_user(&name, sizeof(name), msg);
+    bpf_probe_read_user(&namelen, sizeof(namelen), (const char *)msg + 8);
+    return dest_event(ctx, fd, name, namelen, EG_F_SENDMSG, flags);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg)
+{
+    return msg_dest(args, (int)args->fd, (const void *)args->msg, (u32)args->flags);
+}
+
+/* sendmmsg: the first message's destination (struct mmsghdr starts with its msghdr). */
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmmsg)
+{
+    return msg_dest(args, (int)args->fd, (const void *)args->mmsg, (u32)args->flags);
 }
 
 /* ---- exec ------------------------------------------------------------------------- */
@@ -405,8 +912,12 @@ static __always_inline int exec_enter(void *ctx, int dfd, const char *fname,
             ev->h.flags |= EG_F_ARGV_TRUNC;
     }
     ev->argc = argc;
+    ev->obj.dev = 0;
+    ev->obj.ino = 0;
+    ev->obj.real_len = 0;
+    ev->obj.real2_len = 0;
     if (act == EG_EXEC_KILL) {
-        urgent.perf_submit(ctx, ev, exec_event_size(argc));
+        submit_urgent(ctx, ev, exec_event_size(argc));
         return 0;
     }
     /* Everything else is emitted at exit with the result: execvp() tries each PATH entry,
@@ -424,6 +935,36 @@ static __always_inline int exec_exit(void *ctx, long ret)
     if (!ev)
         return 0;
     ev->h.ret = ret;
+#ifdef EG_HAVE_BTF
+    if (ret == 0) {
+        /* The binary that runs, whatever name reached it: mm->exe_file of the new image. */
+        void *mm = kptr(task(), OFF(task_struct, mm));
+        void *file = mm ? kptr(mm, OFF(mm_struct, exe_file)) : 0;
+        struct kpath p = {};
+        if (kpath_of_file(file, &p)) {
+            obj_of_file(file, &ev->obj);
+            u32 cut = 0;
+            ev->obj.real_len = walk_into(ev->real, &p, &cut);
+            ev->h.flags |= EG_F_REAL | (cut ? EG_F_REAL_CUT : 0);
+            struct kpath cwd = {};
+            if (kpath_of_dirfd(EG_AT_FDCWD, &cwd)) {
+                ev->obj.real2_len = walk_into(ev->cwd, &cwd, &cut);
+                ev->h.flags |= EG_F_REAL2 | (cut ? EG_F_REAL2_CUT : 0);
+            }
+            /* A listed program under another name (symlink, hard link): stopped here,
+             * before its first instruction, as at entry by name. */
+            struct scope_cfg *cfg = get_cfg();
+            int act = (cfg && cfg->exec_rules && ev->obj.ino) ? inode_action(&ev->obj) : 0;
+            if (act == EG_EXEC_KILL) {
+                bpf_send_signal(EG_SIGKILL);
+                ev->h.flags |= EG_F_KILLED | EG_F_BY_INODE;
+                ev->h.flags &= ~EG_F_HELD;
+            } else if (act == EG_EXEC_HOLD) {
+                ev->h.flags |= EG_F_HELD | EG_F_BY_INODE;
+            }
+        }
+    }
+#endif
     ev->h.ts_ns = bpf_ktime_get_ns();
     /* The exec gate: SIGSTOP on the way back to user space, after the new image is in place
      * and before its first instruction; the guard sends SIGCONT or SIGKILL once decided. A
@@ -432,7 +973,7 @@ static __always_inline int exec_exit(void *ctx, long ret)
         bpf_send_signal(EG_SIGSTOP);
     else
         ev->h.flags &= ~EG_F_HELD;
-    urgent.perf_submit(ctx, ev, exec_event_size(ev->argc));
+    submit_urgent(ctx, ev, exec_event_size(ev->argc));
     exec_stash.delete(&tgid);
     return 0;
 }
@@ -477,7 +1018,7 @@ TRACEPOINT_PROBE(task, task_newtask)
     if (!h)
         return 0;
     h->child_pid = child;
-    urgent.perf_submit(args, h, sizeof(struct ev_hdr));
+    submit_urgent(args, h, sizeof(struct ev_hdr));
     return 0;
 }
 
@@ -496,7 +1037,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     u32 sc = watched(tgid);
     struct ev_hdr *h = sc ? new_event(EG_K_EXIT, id, sc) : 0;
     if (h)
-        urgent.perf_submit(args, h, sizeof(struct ev_hdr));
+        submit_urgent(args, h, sizeof(struct ev_hdr));
     procs.delete(&tgid);
     tracked.delete(&tgid);
     return 0;

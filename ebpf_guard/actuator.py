@@ -20,11 +20,11 @@ from pathlib import Path
 from ebpf_guard import cgroups
 from ebpf_guard.cgroups import CgroupError, Freezer
 from ebpf_guard.events import Event
+from ebpf_guard.sensor import procfs
 from ebpf_guard.verdicts import Decision, Mode, Scope, Verdict
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 # /proc start times are in clock ticks (10 ms at USER_HZ=100); allow a tick of rounding each way.
-_START_TOLERANCE_NS = 2 * 1_000_000_000 // _CLK_TCK
+_START_TOLERANCE_NS = 2 * 1_000_000_000 // procfs.CLK_TCK
 
 
 class ActuatorError(Exception):
@@ -34,28 +34,13 @@ class ActuatorError(Exception):
 # --- process identity ----------------------------------------------------------------------
 
 
-def _proc_start_ticks(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (start, clock ticks since boot); None if the pid is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # comm may contain spaces and parentheses: the fields we want follow the *last* ')'.
-    return int(stat[stat.rindex(")") + 2 :].split()[19])
-
-
-def _boot_minus_mono_ns() -> int:
-    """CLOCK_BOOTTIME - CLOCK_MONOTONIC: the time the host spent suspended."""
-    return time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-
-
 def process_start_ns(pid: int) -> int | None:
     """A process's start as CLOCK_MONOTONIC ns (the Event.start_ns convention), at tick
     resolution; None if the pid is gone. The kernel keeps it as task->start_time."""
-    ticks = _proc_start_ticks(pid)
+    ticks = procfs.start_ticks(pid)
     if ticks is None:
         return None
-    return ticks * 1_000_000_000 // _CLK_TCK - _boot_minus_mono_ns()
+    return procfs.ticks_to_monotonic_ns(ticks)
 
 
 def _same_start(pid: int, start_ns: int) -> bool | None:
@@ -65,21 +50,13 @@ def _same_start(pid: int, start_ns: int) -> bool | None:
     (task->start_time); they differ by suspend time, which we add back. A sensor that stored
     boot time instead still matches the second comparison.
     """
-    ticks = _proc_start_ticks(pid)
+    ticks = procfs.start_ticks(pid)
     if ticks is None:
         return None
-    boot_ns = ticks * 1_000_000_000 // _CLK_TCK
-    candidates = (start_ns + _boot_minus_mono_ns(), start_ns)
+    boot_ns = procfs.ticks_to_ns(ticks)
+    candidates = (start_ns + procfs.boot_to_monotonic_ns(), start_ns)
     # /proc truncates to whole ticks, so boot_ns <= the true start < boot_ns + one tick.
     return any(abs(c - boot_ns) <= _START_TOLERANCE_NS for c in candidates)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return stat[stat.rindex(")") + 2] in "ZX"
 
 
 def kill_process(event: Event, watched: Path | None = None) -> str:
@@ -227,7 +204,7 @@ class Actuator:
             parts.append(f"killed cgroup {group} ({n} processes)")
         elif decision.enforced_in_kernel:
             # Idempotent back-up: the kernel's SIGKILL should already have done it.
-            if not _is_zombie(decision.event.tgid):
+            if procfs.alive(decision.event.tgid):
                 res = kill_process(decision.event, self.cgroup)
                 if res.startswith("killed"):
                     parts.append(f"pid {decision.event.tgid} still alive, SIGKILL sent again")

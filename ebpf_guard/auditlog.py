@@ -106,6 +106,10 @@ def _val(x: Any) -> Any:
     return x.value if isinstance(x, Enum) else x
 
 
+_PATH_KINDS = frozenset({Kind.EXEC, Kind.OPEN, Kind.UNLINK, Kind.CHDIR, Kind.RENAME, Kind.LINK,
+                         Kind.SYMLINK, Kind.TRUNCATE, Kind.MMAP_EXEC})
+
+
 def event_record(ev: Event) -> dict:
     """The event as logged: identity fields always, the rest as fits the kind."""
     d: dict[str, Any] = {
@@ -120,10 +124,29 @@ def event_record(ev: Event) -> dict:
         "start_ns": ev.start_ns,
     }
     kind = Kind(ev.kind)
-    if kind in (Kind.EXEC, Kind.OPEN, Kind.UNLINK, Kind.CHDIR):
+    if ev.exe:
+        d["exe"] = ev.exe  # the program, as the kernel resolved it: not what comm claims
+    if kind in _PATH_KINDS:
+        # What was asked (raw_path), its lexical absolute form (path), and what the kernel
+        # reached (real_path, dev:ino): they differ for a symlink, hard link or /proc alias.
         d["path"] = ev.path
         d["raw_path"] = ev.raw_path
+        if ev.real_path:
+            d["real_path"] = ev.real_path
+        if ev.path_cut:
+            d["path_cut"] = True
+        if ev.ino:
+            d["dev_ino"] = f"{os.major(ev.dev)}:{os.minor(ev.dev)}:{ev.ino}"
+    if kind in (Kind.RENAME, Kind.LINK, Kind.SYMLINK):
+        d["dest_path"] = ev.dest_path
+        d["dest_raw_path"] = ev.dest_raw_path
+        if ev.dest_real_path:
+            d["dest_real_path"] = ev.dest_real_path
     if kind is Kind.EXEC:
+        if ev.exe_sha256:
+            d["exe_sha256"] = ev.exe_sha256
+        if any(ev.real_args):
+            d["real_args"] = list(ev.real_args)
         d["argv"] = list(ev.argv)
         if ev.cwd:
             d["cwd"] = ev.cwd  # what relative operands meant
@@ -134,7 +157,12 @@ def event_record(ev: Event) -> dict:
         d["flags"] = ev.flags
     elif kind is Kind.UNLINK:
         d["is_dir"] = ev.is_dir
+    elif kind is Kind.PTRACE:
+        d["target_pid"] = ev.target_pid
+        d["request"] = ev.flags
     elif kind is Kind.CONNECT:
+        if ev.via and ev.via != "connect":
+            d["via"] = ev.via  # a destination given to sendto/sendmsg, no connect(2)
         d["family"] = ev.family
         if ev.family == "unix":
             d["dest"] = ev.addr
@@ -144,7 +172,7 @@ def event_record(ev: Event) -> dict:
             d["dest"] = f"{ev.addr}:{ev.port}"
     elif kind is Kind.FORK:
         d["child_pid"] = ev.child_pid
-    if ev.ret is not None and kind in (Kind.OPEN, Kind.CONNECT):
+    if ev.ret is not None and kind not in (Kind.EXEC, Kind.FORK, Kind.EXIT):
         d["ret"] = ev.ret
     if ev.notes:
         d["notes"] = list(ev.notes)

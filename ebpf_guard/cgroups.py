@@ -262,7 +262,7 @@ def refuse_process_outside_scope(pid: int) -> None:
 
 
 def _ppid(pid: int) -> int:
-    from ebpf_guard.procmodel import read_stat  # the one /proc/PID/stat parser
+    from ebpf_guard.sensor.procfs import read_stat  # the one /proc/PID/stat parser
 
     stat = read_stat(pid)
     return stat[0] if stat else 0

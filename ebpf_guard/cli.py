@@ -121,6 +121,10 @@ def _session_options(f):
         click.option("--output", "output_path", type=click.Path(path_type=Path, dir_okay=False),
                      default=None, help="Also write JSON lines to FILE."),
         click.option("--quiet", is_flag=True, help="Print only verdicts other than SAFE and status."),
+        click.option("--buffer-pages", type=click.Choice([str(1 << i) for i in range(0, 13)]),
+                     default="256", show_default=True,
+                     help="Pages per CPU of the bulk event buffer (open, unlink, connect...). "
+                          "Smaller loses events sooner under load; see the policy's on_loss."),
     ]
     for opt in reversed(opts):
         f = opt(f)

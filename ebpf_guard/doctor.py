@@ -58,9 +58,20 @@ def check_kernel() -> Check:
 
 
 def check_btf() -> Check:
-    if host.BTF.exists():
-        return Check("btf", OK, str(host.BTF))
-    return Check("btf", WARN, "no /sys/kernel/btf/vmlinux (not needed: bpf/ reads no kernel structs)")
+    """The kernel struct offsets the BPF programs read, from the running kernel's BTF. A warning
+    only: without them the sensor still runs, judging the path strings processes pass."""
+    from ebpf_guard.sensor.btf import FIELDS, BtfError, kernel_layouts  # only this check needs it
+
+    fallback = "without BTF layouts ebpf-guard falls back to judging the strings processes pass"
+    if not host.BTF.exists():
+        return Check("btf", WARN, f"no {host.BTF}: {fallback}", "a kernel built with CONFIG_DEBUG_INFO_BTF=y")
+    t0 = time.monotonic()
+    try:
+        layouts = kernel_layouts(host.BTF)
+    except BtfError as e:
+        return Check("btf", WARN, f"{e}; {fallback}", "report this line with `uname -rv`")
+    how = "cached" if layouts.cached else f"parsed in {time.monotonic() - t0:.1f} s"
+    return Check("btf", OK, f"BTF at {host.BTF}: {len(FIELDS)} kernel struct offsets resolved ({how})")
 
 
 def check_tracefs() -> Check:

@@ -1,17 +1,21 @@
 """The policy engine: events in, decisions out.
 
 Pure by design: no I/O, no clock (event timestamps are the only time), no root. Anything
-about the host arrives injected: `home_of(uid)` and the DNS answers in
+about the host arrives injected: `home_of(uid)`, the identities computed when the policy
+loaded (identities.py: protected inodes, listed programs) and the DNS answers in
 `set_host_addresses()`. The same event sequence therefore always yields the same
 decisions, which is what `replay` relies on.
 
-Evaluation order (docs/policy.md keeps the user-facing version of this):
+An event is judged in each of its readings (views.py: as requested, as the kernel reached
+it, by identity, and what a rename/link/symlink/truncate/mmap amounts to). For each reading
+(docs/policy.md keeps the user-facing version of this):
   1. specific deny rules (FLAG..KILL naming a target): the most severe match wins,
      ties go to the rule written first;
   2. allow rules (SAFE naming a target): the first match wins;
   3. catch-all rules (no target: e.g. "any write", "any connect"): as in 1;
-  4. the policy `default`.
-Then: FLAG escalation per process tree, then the mode (confirm: HALT -> ASK).
+  4. the policy `default` (for the kinds it applies to).
+The most severe reading wins (ties: the earlier one). Then: FLAG escalation per process
+tree, then the mode (confirm: HALT -> ASK).
 """
 
 from __future__ import annotations
@@ -23,75 +27,42 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ebpf_guard.events import CREATE, NOTE_KILLED, READ, TRUNCATE, WRITE, Event, Kind
+from ebpf_guard.events import NOTE_KILLED, Event, Kind
+from ebpf_guard.identities import EMPTY, Identities, Inode
 from ebpf_guard.matchers import (
     AddrIndex,
     GlobSet,
     PathIndex,
     basename,
     canonical_ip,
+    expand_all,
     expand_vars,
     is_literal,
-    normalize_path,
     parse_network,
     variables_in,
 )
+from ebpf_guard.pathnames import normalize
 from ebpf_guard.policy import Policy, Rule
 from ebpf_guard.verdicts import Decision, Mode, Scope, Verdict
+from ebpf_guard.views import View, read_event
 
 ESCALATION_PREFIX = "escalation:"
 _ALL = "*"  # remember() key for rules whose decision is not about one value (rate, escalation)
 _TREE_KINDS = (Kind.FORK, Kind.EXIT, Kind.CHDIR)
-_WRITES = frozenset({WRITE, CREATE, TRUNCATE})
+_PROGRAM_KINDS = (Kind.EXEC, Kind.MMAP_EXEC)
 
 TreeKey = tuple[int, int]  # (tgid, start_ns) of the top-most known ancestor
 
 
-def _access_from_flags(flags: int) -> frozenset[str]:
-    # Only used when the sensor left `access` empty (older recordings).
-    acc = {0: {READ}, 1: {WRITE}, 2: {READ, WRITE}}.get(flags & 0o3, {READ})
-    if flags & 0o100:
-        acc.add(CREATE)
-    if flags & 0o1000:
-        acc.add(TRUNCATE)
-    return frozenset(acc)
+@dataclass(frozen=True, slots=True)
+class _Pick:
+    """What one view of an event comes to: the rule (None: the policy default or no rule at
+    all), its verdict after remembered answers, and whether an answer decided it."""
 
-
-def _options(args: tuple[str, ...]) -> tuple[set[str], set[str], list[str]]:
-    """(short option letters, long option names, operands) of an argv tail (GNU style)."""
-    short: set[str] = set()
-    long: set[str] = set()
-    operands: list[str] = []
-    it = iter(args)
-    for a in it:
-        if a == "--":
-            operands.extend(it)
-            break
-        if a.startswith("--"):
-            long.add(a[2:].split("=", 1)[0])
-        elif a.startswith("-") and len(a) > 1:
-            short.update(a[1:])
-        else:
-            operands.append(a)
-    return short, long, operands
-
-
-@dataclass(slots=True)
-class _Ctx:
-    """What the matchers need about one event, computed once."""
-
-    ev: Event
-    path: str | None  # normalised target path (exec/open/unlink), unix socket path (connect)
-    cwd: str | None
-    ip: Any = None
-    hosts: frozenset[str] = frozenset()
-    _opts: tuple[set[str], set[str], list[str]] | None = None
-
-    @property
-    def opts(self) -> tuple[set[str], set[str], list[str]]:
-        if self._opts is None:
-            self._opts = _options(self.ev.argv[1:])
-        return self._opts
+    rule: Rule | None
+    verdict: Verdict
+    remembered: bool = False
+    defaulted: bool = True  # rule None: the policy default applied (False: nothing applied)
 
 
 class _CRule:
@@ -102,17 +73,17 @@ class _CRule:
         "operands", "operands_not", "nets", "nets_not", "hosts", "dead",
     )  # fmt: skip
 
-    def __init__(self, rule: Rule, values: dict[str, str | None]):
+    def __init__(self, rule: Rule, variants: dict[str, tuple[str, ...]]):
         m = rule.match
         self.rule = rule
         self.dead = False  # a positive condition whose every pattern needs an unknown value
 
         def globs(patterns: tuple[str, ...], positive: bool) -> GlobSet:
-            expanded = [expand_vars(p, values) for p in patterns]
-            kept = [normalize_glob(p) for p in expanded if p is not None]
+            # A home or workspace reached through a symlink is matched as both spellings.
+            kept = [normalize_glob(x) for p in patterns for x in expand_all(p, variants)]
             if positive and patterns and not kept:
                 self.dead = True
-            return GlobSet(kept)
+            return GlobSet(dict.fromkeys(kept))
 
         self.names = globs(m.names, True)
         self.paths = globs(m.paths, True)
@@ -135,7 +106,7 @@ class _CRule:
         else:
             self.index = "name" if m.names else "path" if m.paths else None
 
-    def check(self, c: _Ctx) -> bool:
+    def check(self, c: View) -> bool:
         """Every condition except the one the index already matched."""
         m, ev, idx = self.rule.match, c.ev, self.index
         kind = self.rule.kind
@@ -154,16 +125,22 @@ class _CRule:
                 return False
             return True
         if self.names and idx != "name":
-            if not (c.path or ev.raw_path) or not self.names.match(
-                "/" + basename(c.path or ev.raw_path)
+            # The program's name in this view, or its file's own name (a view of a listed
+            # tool found by identity is named after the tool).
+            if not (c.name and self.names.match("/" + c.name)) and not (
+                c.path and self.names.match("/" + basename(c.path))
             ):
                 return False
-        if self.paths and idx != "path" and not (c.path and self.paths.match(c.path)):
-            return False
-        if self.paths_not and c.path and self.paths_not.match(c.path):
+        if self.paths and idx != "path":
+            if not c.path:
+                return False
+            if not (self.paths.match_name(basename(c.path)) if c.cut else self.paths.match(c.path)):
+                return False
+        # A cut or unknown path is never harmless: path_not cannot exclude it.
+        if self.paths_not and c.path and not c.cut and self.paths_not.match(c.path):
             return False
         if kind is Kind.OPEN:
-            if m.access and not (m.access & (ev.access or _access_from_flags(ev.flags))):
+            if m.access and not (m.access & c.access):
                 return False
         elif kind is Kind.UNLINK:
             if m.dir is not None and ev.is_dir != m.dir:
@@ -175,21 +152,20 @@ class _CRule:
             if self.args_regex is not None and not self.args_regex.search(" ".join(args)):
                 return False
             if self.flags or self.operands or self.operands_not:
-                short, long, operands = c.opts
+                opts = c.opts
                 if self.flags and not any(
-                    (v in long) if t == "long" else v <= short for t, v in self.flags
+                    opts.long_given(v) if t == "long" else v <= opts.short for t, v in self.flags
                 ):
                     return False
                 if self.operands or self.operands_not:
-                    resolved = [
-                        normalize_path(o, c.cwd or "/") if o.startswith("/") or c.cwd else None
-                        for o in operands
-                    ]
-                    if self.operands and not any(p and self.operands.match(p) for p in resolved):
+                    readings = [p for per in c.operand_readings() for p in per]
+                    if self.operands and not any(p and self.operands.match(p) for p in readings):
                         return False
-                    # Fail closed: a relative operand with an unknown cwd counts as outside.
-                    if self.operands_not and not any(
-                        p is None or not self.operands_not.match(p) for p in resolved
+                    # Fail closed: an operand that is unknown (relative with no cwd, cut,
+                    # unresolvable) counts as outside, and so does an argv cut short by the
+                    # sensor (the operands it lost are unseen, not harmless).
+                    if self.operands_not and not ev.argv_truncated and not any(
+                        p is None or not self.operands_not.match(p) for p in readings
                     ):
                         return False
         return True
@@ -208,6 +184,8 @@ def normalize_glob(pattern: str) -> str:
 
 
 class _KindIndex:
+    """One event kind's rules, indexed by what can be looked up in a dict."""
+
     def __init__(self) -> None:
         self.paths: PathIndex[int] = PathIndex()
         self.addrs: AddrIndex[int] = AddrIndex()
@@ -218,8 +196,8 @@ class _KindIndex:
 class _Compiled:
     """All rules compiled for one home directory, indexed by event kind."""
 
-    def __init__(self, rules: tuple[Rule, ...], values: dict[str, str | None]):
-        self.crules = [_CRule(r, values) for r in rules]
+    def __init__(self, rules: tuple[Rule, ...], variants: dict[str, tuple[str, ...]]):
+        self.crules = [_CRule(r, variants) for r in rules]
         self.kinds: dict[Kind, _KindIndex] = {}
         for i, cr in enumerate(self.crules):
             if cr.dead:
@@ -240,15 +218,16 @@ class _Compiled:
             else:
                 ki.always.append(i)
 
-    def matching(self, c: _Ctx) -> list[int]:
-        ki = self.kinds.get(c.ev.kind)
+    def matching(self, c: View) -> list[int]:
+        ki = self.kinds.get(c.kind)
         if ki is None:
             return []
         cand: list[int] = list(ki.always)
         if c.path:
-            cand.extend(ki.paths.lookup(c.path))
-        elif c.ev.kind is Kind.EXEC and c.ev.raw_path:
-            cand.extend(ki.paths.lookup("/" + basename(c.ev.raw_path)))  # name rules only
+            # A cut path is known by its last component only.
+            cand.extend(ki.paths.lookup_name(basename(c.path)) if c.cut else ki.paths.lookup(c.path))
+        if c.name and (not c.path or c.name != basename(c.path)):
+            cand.extend(ki.paths.lookup_name(c.name))  # name rules (and last-component paths)
         if ki.addrs and c.ip is not None:
             cand.extend(ki.addrs.lookup(c.ip))
         for h in c.hosts:
@@ -258,6 +237,10 @@ class _Compiled:
 
 
 class Engine:
+    """Judges events against one policy: rule indexes per home directory, process trees,
+    rate and FLAG counters, the operator's remembered answers. No I/O: host facts come in
+    through `home_of`, `identities` (computed when the policy loaded) and DNS answers."""
+
     def __init__(
         self,
         policy: Policy,
@@ -265,14 +248,17 @@ class Engine:
         workspace: str,
         home_of: Callable[[int], str | None],
         mode: Mode | None = None,
+        identities: Identities | None = None,
     ):
         ws = workspace or policy.workspace
         if not ws:
             raise ValueError("no workspace: pass workspace= or set `workspace` in the policy")
         self.policy = policy
-        self.workspace = normalize_path(ws)
+        self.workspace = normalize(ws)
         self._mode = mode or policy.mode
         self._home_of = home_of
+        # Host identities: given, else what load_policy() computed, else none (names only).
+        self._ids = identities or policy.identities or EMPTY
         self._homes: dict[int, str | None] = {}
         self._compiled: dict[str | None, _Compiled] = {}
         self._rules = policy.rules
@@ -294,24 +280,44 @@ class Engine:
         if kind in _TREE_KINDS:
             self._track(event)
             return Decision(Verdict.SAFE, "", "", event)
-        if kind is Kind.EXEC and event.ret is not None and event.ret < 0:
+        if kind in _PROGRAM_KINDS and event.ret is not None and event.ret < 0:
             # A failed attempt ran nothing: execvp() probes every PATH entry for `curl`, and
             # only the one that succeeds is judged (an in-kernel kill has no result: judged).
-            return Decision(Verdict.SAFE, "", f"exec failed (errno {-event.ret})", event)
+            what = "exec" if kind is Kind.EXEC else "mmap"
+            return Decision(Verdict.SAFE, "", f"{what} failed (errno {-event.ret})", event)
         tree = self._tree(event)
-        c = self._context(event)
         comp = self._compiled_for(event.uid)
-        hits: list[Rule] = []
-        # Rate rules count what happened: a failed syscall (unlink of a missing file, which
-        # git and editors do constantly) is no deletion. Single-event rules judge attempts.
+        views = read_event(event, self._ids, self._ip_hosts)
+        matched = [comp.matching(v) for v in views]
+        # Rate rules count what happened, once per event however many views match: a failed
+        # syscall (unlink of a missing file, which git and editors do constantly) is no
+        # deletion. Single-event rules judge attempts.
         failed = event.ret is not None and event.ret < 0
-        for i in comp.matching(c):
-            rule = self._rules[i]
-            if rule.rate is None:
-                hits.append(rule)
-            elif not failed and self._count(i, rule, tree, event.ts_ns):
-                hits.append(rule)
-        return self._decide(event, c, hits, tree)
+        fired: set[int] = set()
+        counted: set[int] = set()
+        for v, found in zip(views, matched, strict=True):
+            if not v.native:
+                continue
+            for i in found:
+                rule = self._rules[i]
+                if rule.rate is not None and i not in counted:
+                    counted.add(i)
+                    if not failed and self._count(i, rule, tree, event.ts_ns):
+                        fired.add(i)
+        # Each view is judged on its own; the most severe wins (ties: the earlier view, so
+        # the plain reading of the event speaks first).
+        best: tuple[View, _Pick] | None = None
+        for v, found in zip(views, matched, strict=True):
+            hits = [
+                self._rules[i] for i in found
+                if self._rules[i].rate is None or (v.native and i in fired)
+            ]  # fmt: skip
+            pick = self._select(v, hits)
+            if pick is not None and (best is None or pick.verdict.severity > best[1].verdict.severity):
+                best = (v, pick)
+        if best is None:  # only kinds without a default, and no rule: nothing to say
+            best = (views[0], _Pick(None, Verdict.SAFE, defaulted=False))
+        return self._decide(event, best[0], best[1], tree)
 
     def set_host_addresses(self, mapping: dict[str, list[str]]) -> None:
         """Replace the DNS answers for `hostnames()` (the caller refreshes them)."""
@@ -326,6 +332,41 @@ class Engine:
     def hostnames(self) -> list[str]:
         return sorted({h for r in self._rules for h in r.match.hosts})
 
+    def _kernel_kill_rules(self) -> list[Rule]:
+        """Exec rules the kernel may apply alone (SIGKILL at exec): KILL in enforce mode, no
+        argv/rate/path_not condition, not allowed by a remembered answer."""
+        if self._mode is not Mode.ENFORCE:
+            return []
+        allowed = {rule for (rule, _), allow in self._memory.items() if allow}
+        out = []
+        for r in self._rules:
+            m = r.match
+            if (
+                r.kind is not Kind.EXEC or r.verdict is not Verdict.KILL or r.tier != 1
+                or r.rate is not None or r.name in allowed or (m.names and m.paths)
+                or m.paths_not or m.args_any or m.args_regex or m.flags or m.operands
+                or m.operands_not
+            ):  # fmt: skip
+                continue
+            out.append(r)
+        return out
+
+    def _kernel_gate_rules(self) -> list[Rule]:
+        """Exec rules that can HALT, ASK or KILL (without a rate): held in the kernel until
+        decided, unless the kernel can kill alone."""
+        if self._mode is Mode.AUDIT:
+            return []
+        return [
+            r for r in self._rules
+            if r.kind is Kind.EXEC and r.verdict.severity >= Verdict.ASK.severity and not r.rate
+        ]  # fmt: skip
+
+    def _literal(self, pattern: str) -> str | None:
+        """A name or path pattern as the kernel can compare it, or None (glob, `{home}`)."""
+        if "home" in variables_in(pattern) or not is_literal(pattern):
+            return None
+        return expand_vars(pattern, {"workspace": self.workspace}, escape=False) or None
+
     def kernel_exec_kills(self) -> tuple[frozenset[str], frozenset[str]]:
         """(file names, exact paths) whose exec the kernel may SIGKILL at syscall entry.
 
@@ -337,26 +378,13 @@ class Engine:
         """
         names: set[str] = set()
         paths: set[str] = set()
-        if self._mode is not Mode.ENFORCE:
-            return frozenset(), frozenset()
-        allowed = {rule for (rule, _), allow in self._memory.items() if allow}
-        for r in self._rules:
-            m = r.match
-            if (
-                r.kind is not Kind.EXEC or r.verdict is not Verdict.KILL or r.tier != 1
-                or r.rate is not None or r.name in allowed or (m.names and m.paths)
-                or m.paths_not or m.args_any or m.args_regex or m.flags or m.operands
-                or m.operands_not
-            ):  # fmt: skip
-                continue
-            for p in m.names or m.paths:
-                if "home" in variables_in(p) or not is_literal(p):
-                    continue
-                value = expand_vars(p, {"workspace": self.workspace}, escape=False)
+        for r in self._kernel_kill_rules():
+            for p in r.match.names or r.match.paths:
+                value = self._literal(p)
                 if value is None:
                     continue
                 if "/" in value:
-                    paths.add(normalize_path(value))
+                    paths.add(normalize(value))
                 else:
                     names.add(value)
         return frozenset(names), frozenset(paths)
@@ -369,21 +397,39 @@ class Engine:
         kills it or lets it go (SIGCONT). Only a literal name or path's last component can be
         compared in the kernel; anything else is decided after the fact, as before.
         """
-        if self._mode is Mode.AUDIT:
-            return frozenset()
         killed, _ = self.kernel_exec_kills()
         names: set[str] = set()
-        for r in self._rules:
-            m = r.match
-            if r.kind is not Kind.EXEC or r.verdict.severity < Verdict.ASK.severity or r.rate:
-                continue
-            for p in m.names or m.paths:
-                if "home" in variables_in(p) or not is_literal(p):
-                    continue
-                value = expand_vars(p, {"workspace": self.workspace}, escape=False)
+        for r in self._kernel_gate_rules():
+            for p in r.match.names or r.match.paths:
+                value = self._literal(p)
                 if value:
                     names.add(value.rsplit("/", 1)[-1])
         return frozenset(names - killed)
+
+    def kernel_exec_inodes(self) -> tuple[frozenset[Inode], frozenset[Inode]]:
+        """(kill, hold): the (st_dev, st_ino) of the binaries the same rules as
+        `kernel_exec_kills()` (kill) and `kernel_exec_gates()` (hold) name, as found when the
+        policy loaded (identities.py: PATH lookup, symlinks resolved; multi-call binaries such
+        as busybox left out). The kernel checks them at exec (the file that runs, whatever its
+        name: a hard link, a renamed path) and at mmap(PROT_EXEC) (`ld.so /usr/bin/curl`).
+        Name globs count too: identities expanded them on the host. Recompute after
+        `remember()`, like kernel_exec_kills()."""
+        tools = self._ids.tools
+
+        def inodes(rules: list[Rule]) -> set[Inode]:
+            out: set[Inode] = set()
+            for r in rules:
+                for p in r.match.names:
+                    out |= tools.get(p, frozenset())
+                for p in r.match.paths:
+                    value = self._literal(p)
+                    if value and value.startswith("/"):
+                        out |= tools.get(normalize(value), frozenset())
+            return out
+
+        kill = inodes(self._kernel_kill_rules())
+        hold = inodes(self._kernel_gate_rules()) - kill
+        return frozenset(kill), frozenset(hold)
 
     def remember(self, decision: Decision, allow: bool) -> None:
         """The operator's answer to an ASK, for the rest of the run: the same rule with the
@@ -412,22 +458,6 @@ class Engine:
         elif ev.kind is Kind.CHDIR:
             self._tree(ev)
 
-    def _context(self, ev: Event) -> _Ctx:
-        # Paths and cwd come resolved from the sensor's process model: the engine keeps none.
-        cwd = ev.cwd or None
-        if ev.kind is Kind.CONNECT:
-            if ev.family == "unix":
-                path = ev.addr if ev.addr.startswith("/") else None
-                return _Ctx(ev, normalize_path(path) if path else None, cwd)
-            ip = canonical_ip(ev.addr)
-            return _Ctx(ev, None, cwd, ip, self._ip_hosts.get(ip, frozenset()))
-        path = None
-        if ev.path:
-            path = normalize_path(ev.path)
-        elif ev.raw_path.startswith("/"):
-            path = normalize_path(ev.raw_path)
-        return _Ctx(ev, path, cwd)
-
     # ------------------------------------------------------------ rules
 
     def _compiled_for(self, uid: int) -> _Compiled:
@@ -435,12 +465,17 @@ class Engine:
             home = self._homes[uid]
         else:
             home = self._home_of(uid)
-            home = normalize_path(home) if home else None
+            home = normalize(home) if home else None
             self._homes[uid] = home
         comp = self._compiled.get(home)
         if comp is None:
             # Compiled once per distinct home directory; `{workspace}` is fixed per engine.
-            comp = _Compiled(self._rules, {"home": home, "workspace": self.workspace})
+            aliases = self._ids.aliases
+            variants = {
+                "home": (home, *aliases.get(home, ())) if home else (),
+                "workspace": (self.workspace, *aliases.get(self.workspace, ())),
+            }
+            comp = _Compiled(self._rules, variants)
             self._compiled[home] = comp
         return comp
 
@@ -482,34 +517,35 @@ class Engine:
                 best, best_v, best_mem = r, v, answer is False
         return best, best_v, best_mem, allowed
 
-    def _decide(self, ev: Event, c: _Ctx, hits: list[Rule], tree: TreeKey) -> Decision:
-        value = _value(ev, c)
-        rule: Rule | None = None
-        verdict = self.policy.default
-        remembered = False
-        note = ""
+    def _select(self, v: View, hits: list[Rule]) -> _Pick | None:
+        """The evaluation order (module doc) for one view; None if nothing applies to it."""
+        value = _value(v)
+        if v.specific:
+            hits = [r for r in hits if r.tier == 1]
         for tier in (1, 2, 3):
             in_tier = [r for r in hits if r.tier == tier]
             if not in_tier:
                 continue
             if tier == 2:
-                rule, verdict = in_tier[0], Verdict.SAFE
-                break
-            best, v, mem, allowed = self._pick(in_tier, value)
+                return _Pick(in_tier[0], Verdict.SAFE)
+            best, verdict, mem, allowed = self._pick(in_tier, value)
             if best is not None:
-                rule, verdict, remembered = best, v, mem
-                break
+                return _Pick(best, verdict, mem)
             if allowed is not None:
-                rule, verdict, remembered = allowed, Verdict.SAFE, True
-                break
-        else:
-            answer = self._memory.get(("", value))
-            if answer is not None:
-                remembered = True
-                verdict = Verdict.SAFE if answer else (
-                    Verdict.HALT if verdict is Verdict.ASK else verdict
-                )  # fmt: skip
+                return _Pick(allowed, Verdict.SAFE, True)
+        if not v.default:
+            return None
+        verdict = self.policy.default
+        answer = self._memory.get(("", value))
+        if answer is None:
+            return _Pick(None, verdict)
+        verdict = Verdict.SAFE if answer else (Verdict.HALT if verdict is Verdict.ASK else verdict)
+        return _Pick(None, verdict, True)
 
+    def _decide(self, ev: Event, c: View, pick: _Pick, tree: TreeKey) -> Decision:
+        value = _value(c)
+        rule, verdict, remembered = pick.rule, pick.verdict, pick.remembered
+        note = ""
         if rule is not None and rule.rate is not None and not remembered:
             self._rate_hits.pop((rule.order, tree), None)  # one decision per burst
 
@@ -518,7 +554,9 @@ class Engine:
             note = " (allowed earlier by the operator)" if verdict is Verdict.SAFE else (
                 " (denied earlier by the operator)"
             )  # fmt: skip
-        reason = self._reason(rule, ev, c, value, verdict) + note
+        reason = self._reason(rule, ev, c, value, verdict, pick.defaulted) + note
+        if c.why:
+            reason += f" [{c.why}]"
         dec_value = _ALL if rule is not None and rule.rate is not None else value
 
         if verdict is Verdict.FLAG:
@@ -544,7 +582,7 @@ class Engine:
             d.ask_timeout_s = self.policy.ask.timeout_s
             d.ask_default = self.policy.ask.default
             d.on_deny = on_deny
-        if ev.kind is Kind.EXEC and NOTE_KILLED in ev.notes:
+        if ev.kind in _PROGRAM_KINDS and NOTE_KILLED in ev.notes:
             d.enforced_in_kernel = True
             if verdict is not Verdict.KILL:  # stale kernel set: say so rather than hide it
                 d.reason += " [already killed in kernel]"
@@ -564,8 +602,13 @@ class Engine:
             return True
         return False
 
-    def _reason(self, rule: Rule | None, ev: Event, c: _Ctx, value: str, verdict: Verdict) -> str:
+    def _reason(
+        self, rule: Rule | None, ev: Event, c: View, value: str, verdict: Verdict,
+        defaulted: bool = True,
+    ) -> str:  # fmt: skip
         if rule is None:
+            if not defaulted:
+                return f"no rule for {ev.kind.value} {value}".rstrip()
             return f"policy default {verdict.value} for {ev.kind.value} {value}".rstrip()
         if not rule.reason:
             return f"{rule.name}: {ev.kind.value} {value}".rstrip()
@@ -578,6 +621,7 @@ class Engine:
             "host": ",".join(sorted(c.hosts)), "dest": value, "value": value,
             "count": rate.count if rate else "", "window": f"{rate.window_s:g}s" if rate else "",
             "home": self._homes.get(ev.uid) or "", "workspace": self.workspace,
+            "real_path": ev.real_path, "exe": ev.exe,
         }  # fmt: skip
         try:
             return rule.reason.format_map(fields)
@@ -585,8 +629,9 @@ class Engine:
             return rule.reason
 
 
-def _value(ev: Event, c: _Ctx) -> str:
+def _value(c: View) -> str:
     """What a decision is about; `remember()` keys on it."""
+    ev = c.ev
     if ev.kind is Kind.CONNECT:
         if ev.family == "unix":
             return ev.addr

@@ -20,6 +20,13 @@ class Kind(str, Enum):
     FORK = "fork"
     EXIT = "exit"
     CHDIR = "chdir"
+    RENAME = "rename"  # rename/renameat/renameat2: raw_path -> dest_*
+    LINK = "link"  # link/linkat: a new name (dest_*) for an existing file (raw_path)
+    SYMLINK = "symlink"  # symlink/symlinkat: dest_* is the link made, raw_path its target text
+    TRUNCATE = "truncate"  # truncate(path) / ftruncate(fd)
+    MMAP_EXEC = "mmap_exec"  # mmap(PROT_EXEC) of a file: code loaded without an exec
+    IO_URING = "io_uring"  # io_uring_setup: its opens bypass the syscall tracepoints
+    PTRACE = "ptrace"  # ptrace(ATTACH | SEIZE) of target_pid; flags = the request
 
 
 # Open access classes derived from the raw O_* flags.
@@ -60,6 +67,31 @@ class Event:
     # exec: the process's working directory, from the sensor's process model ("" if unknown);
     # what relative argv operands (`rm -r build`) mean.
     cwd: str = ""
+    # What the kernel reached, walked in the kernel from the object with BTF layouts (see
+    # docs/sensor.md); "" where the host has no BTF or the syscall failed before an object.
+    #   open, truncate(fd), mmap_exec: the file itself; exec: the binary that runs;
+    #   chdir: the new cwd; unlink/rename/link/symlink/truncate(path): the real path of the
+    #   dirfd (or cwd) joined with the requested name.
+    real_path: str = ""
+    # The walk hit a bound (depth or buffer): real_path holds only the deepest part,
+    # as "…/a/b". A cut path is never judged harmless.
+    path_cut: bool = False
+    dev: int = 0  # st_dev of the object (open, exec, mmap_exec, truncate(fd)); 0 = unknown
+    ino: int = 0  # its inode number; 0 = unknown
+    # rename/link: the new name; symlink: the link created (raw_path is the target text)
+    dest_raw_path: str = ""
+    dest_path: str = ""
+    dest_real_path: str = ""
+    # Every event: the process's executable as the kernel resolved it at its exec (or
+    # /proc/PID/exe for a process seeded at attach); "" if unknown.
+    exe: str = ""
+    # exec: sha256 of the binary that runs (read through /proc/PID/exe by the sensor).
+    exe_sha256: str = ""
+    # exec: argv with every operand (not argv[0], not an option) made absolute against cwd
+    # and symlink-resolved by the sensor at exec time; "" where argv has an option or argv[0].
+    real_args: tuple[str, ...] = ()
+    target_pid: int = 0  # ptrace: the process asked for
+    via: str = ""  # connect: "connect", "sendto" or "sendmsg" (a destination without connect)
 
     @property
     def proc_key(self) -> tuple[int, int]:
@@ -74,6 +106,7 @@ class Event:
         d["access"] = sorted(self.access)
         d["argv"] = list(self.argv)
         d["notes"] = list(self.notes)
+        d["real_args"] = list(self.real_args)
         return d
 
     @classmethod
@@ -83,6 +116,7 @@ class Event:
         d["access"] = frozenset(d.get("access", ()))
         d["argv"] = tuple(d.get("argv", ()))
         d["notes"] = tuple(d.get("notes", ()))
+        d["real_args"] = tuple(d.get("real_args", ()))
         return cls(**d)
 
 
@@ -100,6 +134,8 @@ MAX_ARGS = 16
 NAME_LEN = 64
 UNIX_PATH_LEN = 108
 MAX_CGROUPS = 8
+REAL_LEN = 512
+STRS_LEN = 2048
 
 # ev_hdr.kind codes, in Kind order.
 KIND_CODES: dict[int, Kind] = {i + 1: k for i, k in enumerate(Kind)}
@@ -111,6 +147,13 @@ F_PATH_TRUNC = 0x4
 F_NO_PROC = 0x8
 F_TRACKED = 0x10
 F_HELD = 0x20
+F_REAL = 0x40
+F_REAL_CUT = 0x80
+F_REAL2 = 0x100
+F_REAL2_CUT = 0x200
+F_SENDTO = 0x400
+F_SENDMSG = 0x800
+F_BY_INODE = 0x1000
 
 # exec_names / exec_paths map values (EG_EXEC_*)
 EXEC_KILL = 1
@@ -146,10 +189,27 @@ class RawEvent(_ct.Structure):
     ]
 
 
-class RawPathEvent(_ct.Structure):
-    """struct ev_path: open, unlink, chdir."""
+class RawObject(_ct.Structure):
+    """struct ev_obj: an object's identity resolved in the kernel."""
 
-    _fields_ = [("h", RawEvent), ("path", _ct.c_char * PATH_LEN)]
+    _fields_ = [
+        ("dev", _ct.c_uint64),  # kernel dev_t encoding
+        ("ino", _ct.c_uint64),
+        ("real_len", _ct.c_uint32),
+        ("real2_len", _ct.c_uint32),
+    ]
+
+
+class RawPathEvent(_ct.Structure):
+    """struct ev_path: the path kinds; strs packs path, path2, real, real2."""
+
+    _fields_ = [
+        ("h", RawEvent),
+        ("obj", RawObject),
+        ("path2_len", _ct.c_uint32),
+        ("_pad", _ct.c_uint32),
+        ("strs", _ct.c_char * STRS_LEN),
+    ]
 
 
 class RawExecEvent(_ct.Structure):
@@ -157,6 +217,9 @@ class RawExecEvent(_ct.Structure):
 
     _fields_ = [
         ("h", RawEvent),
+        ("obj", RawObject),
+        ("real", _ct.c_char * REAL_LEN),
+        ("cwd", _ct.c_char * REAL_LEN),
         ("path", _ct.c_char * PATH_LEN),
         ("argc", _ct.c_uint32),
         ("_pad", _ct.c_uint32),

@@ -267,6 +267,21 @@ class Guard:
         """A non-verdict record (session start/end, ...); fail-closed like every other write."""
         self._append_quietly(record)
 
+    def events_lost(self, count: int, total: int, *, freeze: bool) -> None:
+        """The sensor lost `count` events (perf buffer full): syscalls nobody judged. Logged;
+        with `freeze` (enforce mode, policy on_loss: freeze) the agent is frozen as for a HALT."""
+        action = "none (on_loss: ignore)"
+        if freeze:
+            try:
+                action = f"froze: {self.actuator.freeze_now()}"
+                self.summary.halted = True
+                self._held_by_halt = True
+            except ActuatorError as e:
+                action = f"FAILED to freeze: {e}"
+            self.summary.actions.append(f"HALT lost-events: {action}")
+        self._append_quietly({"type": "loss", "lost": count, "lost_total": total, "action": action})
+        self.printer.message(f"{count} events LOST ({total} in all): {action}")
+
     def _append_quietly(self, record: dict) -> None:
         try:
             self.log.append(record)

@@ -1,7 +1,8 @@
-"""Pure matching primitives for the policy engine: path normalisation, globs, address sets.
+"""Pure matching primitives for the policy engine: globs and address sets.
 
-Nothing here touches the filesystem or the network: paths are normalised lexically and
-globs are compiled to regular expressions once, when the engine is built.
+Nothing here touches the filesystem or the network: paths are normalised lexically (by
+`pathnames.normalize`, the one normaliser) and globs are compiled to regular expressions once,
+when the engine is built.
 
 Glob syntax (see docs/policy.md):
   /abs/path/**   `**` is a whole path segment and spans any number of directories (also
@@ -17,7 +18,10 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Iterator
+from itertools import product
 from typing import Generic, TypeVar
+
+from ebpf_guard.pathnames import normalize
 
 P = TypeVar("P")
 
@@ -31,30 +35,6 @@ class GlobError(ValueError):
 
 
 # ---------------------------------------------------------------- paths
-
-
-def normalize_path(path: str, cwd: str = "/") -> str:
-    """Absolute, lexically normalised path: no `.`, `..`, `//` or trailing `/`.
-
-    Relative paths are joined onto `cwd`. Unlike posixpath.normpath a leading `//` is
-    collapsed too (Linux gives it no special meaning), and `..` above `/` stays at `/`.
-    """
-    if path.startswith("/"):
-        # Fast path: most paths the sensor hands over are already clean.
-        if "//" not in path and "/." not in path and (len(path) == 1 or path[-1] != "/"):
-            return path
-    else:
-        path = normalize_path(cwd) + "/" + path
-    parts: list[str] = []
-    for seg in path.split("/"):
-        if seg == "" or seg == ".":
-            continue
-        if seg == "..":
-            if parts:
-                parts.pop()
-            continue
-        parts.append(seg)
-    return "/" + "/".join(parts)
 
 
 def basename(path: str) -> str:
@@ -109,6 +89,20 @@ def expand_vars(pattern: str, values: dict[str, str | None], *, escape: bool = T
 
     out = _VAR_RE.sub(sub, pattern)
     return None if missing else (out or "/")
+
+
+def expand_all(pattern: str, variants: dict[str, tuple[str, ...]]) -> list[str]:
+    """`pattern` expanded with every combination of the values each variable may take (a home
+    and its real path when that is reached through a symlink); [] if a variable has none."""
+    names = sorted(set(variables_in(pattern)))
+    if not names:
+        return [pattern]
+    out: list[str] = []
+    for combo in product(*(variants.get(n, ()) for n in names)):
+        value = expand_vars(pattern, dict(zip(names, combo, strict=True)))
+        if value is not None and value not in out:
+            out.append(value)
+    return out
 
 
 # ---------------------------------------------------------------- globs
@@ -242,6 +236,10 @@ class GlobSet:
             return True
         return self._base is not None and self._base.fullmatch(basename(path)) is not None
 
+    def match_name(self, name: str) -> bool:
+        """Last-component patterns only: all a path known only by its tail can be held to."""
+        return self._base is not None and self._base.fullmatch(name) is not None
+
 
 class PathIndex(Generic[P]):
     """Maps many globs to payloads; `lookup(path)` returns the payloads of every glob that
@@ -267,7 +265,7 @@ class PathIndex(Generic[P]):
             return
         rx = compile_glob(pattern)
         if is_literal(pattern) and not pattern.endswith("/"):
-            self._exact.setdefault(normalize_path(pattern), []).append(payload)
+            self._exact.setdefault(normalize(pattern), []).append(payload)
         else:
             self._by_dir.setdefault(literal_dir(pattern), []).append((rx, payload))
 
@@ -279,7 +277,13 @@ class PathIndex(Generic[P]):
                 bucket = by_dir.get(prefix)
                 if bucket:
                     hits.extend(p for rx, p in bucket if rx.fullmatch(path))
-        name = basename(path)
+        hits.extend(self.lookup_name(basename(path)))
+        return hits
+
+    def lookup_name(self, name: str) -> list[P]:
+        """Payloads of the last-component patterns matching `name` (a path known by its tail,
+        a program known by name)."""
+        hits: list[P] = []
         if self._base_exact:
             hits.extend(self._base_exact.get(name, ()))
         if self._base_globs:

@@ -16,21 +16,38 @@ from ebpf_guard.verdicts import Decision, Verdict
 HEADER = f"{'TIME(s)':<9} {'VERDICT':<7} {'PID':>7} {'PPID':>7} {'UID':>6} {'COMM':<16} {'KIND':<7} DETAIL"
 
 
+def _target(event: Event) -> str:
+    """The path asked for, and what the kernel reached when that differs (a symlink...)."""
+    asked = event.path or event.raw_path
+    real = event.real_path
+    return f"{asked} -> {real}" if real and real != asked else asked
+
+
 def describe(event: Event) -> str:
     """One human line of what the event did."""
     if event.kind is Kind.EXEC:
         args = " ".join(event.argv) + (" …" if event.argv_truncated else "")
-        return f"{event.path or event.raw_path}  [{args}]"
-    if event.kind is Kind.OPEN:
+        return f"{_target(event)}  [{args}]"
+    if event.kind is Kind.OPEN or event.kind is Kind.TRUNCATE:
         access = ",".join(sorted(event.access)) or "-"
-        return f"{event.path or event.raw_path} ({access})"
+        return f"{_target(event)} ({access})"
     if event.kind is Kind.UNLINK:
-        return f"{event.path or event.raw_path}{' (dir)' if event.is_dir else ''}"
+        return f"{_target(event)}{' (dir)' if event.is_dir else ''}"
+    if event.kind in (Kind.RENAME, Kind.LINK, Kind.SYMLINK):
+        dest = event.dest_real_path or event.dest_path or event.dest_raw_path
+        return f"{_target(event) if event.kind is not Kind.SYMLINK else event.raw_path} => {dest}"
+    if event.kind is Kind.MMAP_EXEC:
+        return event.real_path or event.path
+    if event.kind is Kind.PTRACE:
+        return f"pid {event.target_pid} (request {event.flags:#x})"
+    if event.kind is Kind.IO_URING:
+        return f"{event.flags} entries"
     if event.kind is Kind.CONNECT:
         if event.family == "unix":
             return f"unix:{event.addr}"
         host = f"[{event.addr}]" if event.family == "ipv6" else event.addr
-        return f"{host}:{event.port}"
+        via = f" (via {event.via})" if event.via and event.via != "connect" else ""
+        return f"{host}:{event.port}{via}"
     if event.kind is Kind.FORK:
         return f"child {event.child_pid}"
     if event.kind is Kind.CHDIR:

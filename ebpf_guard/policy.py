@@ -13,7 +13,7 @@ import math
 import os
 import re
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import yaml
 
 from ebpf_guard.events import CREATE, READ, TRUNCATE, WRITE, Kind
 from ebpf_guard.files import read_regular
+from ebpf_guard.identities import Identities, compile_identities
 from ebpf_guard.matchers import (
     VARIABLES,
     GlobError,
@@ -33,7 +34,10 @@ from ebpf_guard.matchers import (
 from ebpf_guard.verdicts import Mode, Scope, Verdict
 
 SUPPORTED_VERSIONS = (1,)
-RULE_KINDS = (Kind.EXEC, Kind.OPEN, Kind.UNLINK, Kind.CONNECT)
+RULE_KINDS = (
+    Kind.EXEC, Kind.OPEN, Kind.UNLINK, Kind.CONNECT, Kind.RENAME, Kind.LINK, Kind.SYMLINK,
+    Kind.TRUNCATE, Kind.MMAP_EXEC, Kind.IO_URING, Kind.PTRACE,
+)  # fmt: skip
 ACCESS = (READ, WRITE, CREATE, TRUNCATE)
 FAMILIES = ("ipv4", "ipv6", "unix")
 # Top-level lists that the bundled rules reference as $agent_config_files / $deny_write.
@@ -41,7 +45,7 @@ SPECIAL_LISTS = ("agent_config_files", "deny_write")
 
 TOP_KEYS = (
     "version", "extends", "mode", "workspace", "lists", "rules", "default",
-    "flag_threshold", "flag_window", "redact", "ask", "on_guard_exit", *SPECIAL_LISTS,
+    "flag_threshold", "flag_window", "redact", "ask", "on_guard_exit", "on_loss", *SPECIAL_LISTS,
 )  # fmt: skip
 RULE_KEYS = (
     "name", "description", "reason", "verdict", "scope", "rate", "on_deny", "enabled",
@@ -53,6 +57,14 @@ MATCH_KEYS: dict[Kind, tuple[str, ...]] = {
     Kind.OPEN: ("path", "path_not", "access"),
     Kind.UNLINK: ("path", "path_not", "dir"),
     Kind.CONNECT: ("addr", "addr_not", "port", "host", "family", "path"),
+    # rename/link: either name (source or new); symlink: the target or the link made
+    Kind.RENAME: ("path", "path_not"),
+    Kind.LINK: ("path", "path_not"),
+    Kind.SYMLINK: ("path", "path_not"),
+    Kind.TRUNCATE: ("path", "path_not"),
+    Kind.MMAP_EXEC: ("name", "path", "path_not"),  # the file mapped
+    Kind.IO_URING: ("name", "path", "path_not"),  # the executable of the process doing it
+    Kind.PTRACE: ("name", "path", "path_not"),  # the tracer's executable
 }  # fmt: skip
 # Conditions that name *what* a rule is about. A rule with none of them is a catch-all.
 TARGET_KEYS = frozenset(
@@ -60,11 +72,13 @@ TARGET_KEYS = frozenset(
 )
 RATE_KEYS = ("count", "window")
 GUARD_EXIT_ACTIONS = ("freeze", "kill")  # on_guard_exit: what the watchdog does if the guard dies
+LOSS_ACTIONS = ("freeze", "ignore")  # on_loss: what a lost sensor event does in enforce mode
 ASK_KEYS = ("timeout", "default")
 # Fields a `reason` may template, e.g. "read {path} ({comm}[{pid}])".
 REASON_FIELDS = (
     "rule", "kind", "verdict", "path", "raw_path", "comm", "pid", "tgid", "ppid", "uid",
     "argv", "addr", "port", "host", "dest", "value", "count", "window", "home", "workspace",
+    "real_path", "exe",
 )  # fmt: skip
 
 # Used with fullmatch on stripped text: no `\s*` on both sides of an optional group, which
@@ -141,8 +155,10 @@ class Match:
     """Conditions of one rule; all given conditions must hold, a list means any-of.
     Patterns keep their `{home}`/`{workspace}`/`~` variables: the engine expands them."""
 
-    names: tuple[str, ...] = ()  # exec: glob on the executable's file name
-    paths: tuple[str, ...] = ()  # exec/open/unlink: path glob; connect: unix socket path
+    # exec/mmap_exec: glob on the program's file name; io_uring/ptrace: on the file name of
+    # the executable of the process doing it
+    names: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()  # path glob (per kind: docs/policy.md); connect: socket path
     paths_not: tuple[str, ...] = ()
     args_any: tuple[str, ...] = ()  # exec: some argument matches one of these globs
     args_regex: str | None = None  # exec: regex searched in the arguments joined by " "
@@ -210,11 +226,15 @@ class Policy:
     ask: AskDefaults = AskDefaults()
     redact: tuple[str, ...] = ()  # extra regexes for the redactor (validated here only)
     on_guard_exit: str = "freeze"  # GUARD_EXIT_ACTIONS: the watchdog's answer to a dead guard
+    on_loss: str = "freeze"  # LOSS_ACTIONS: enforce mode, a lost sensor event freezes the cgroup
     lists: dict[str, tuple[str, ...]] = field(default_factory=dict)
     agent_config_files: tuple[str, ...] = ()
     deny_write: tuple[str, ...] = ()
     source: str = "<string>"
     sources: tuple[str, ...] = ()  # this file and every file it extends
+    # Host identities (protected inodes, listed programs): load_policy() computes them; the
+    # engine only looks them up. None: names and paths only.
+    identities: Identities | None = field(default=None, compare=False, repr=False)
 
     @property
     def flag_window_ns(self) -> int:
@@ -224,14 +244,18 @@ class Policy:
 # ---------------------------------------------------------------- entry points
 
 
-def load_policy(path: str | Path) -> Policy:
+def load_policy(path: str | Path, *, identities: bool = True) -> Policy:
+    """Parse and validate a policy file and (unless `identities=False`) compute its host
+    identities for the policy's workspace and the local users' homes: see identities.py. A
+    caller with another workspace recomputes them with `compile_identities()`."""
     path = Path(path)
     try:
         text = _read_text(path)
     except _Unreadable as e:
         msg = f"cannot read policy: {e.message}" if e.io else e.message
         raise PolicyError([PolicyIssue(str(path), e.line, "", msg)]) from None
-    return _Parser().parse(text, str(path), base_dir=path.parent)
+    policy = _Parser().parse(text, str(path), base_dir=path.parent)
+    return replace(policy, identities=compile_identities(policy)) if identities else policy
 
 
 def parse_policy(text: str, source: str = "<string>") -> Policy:
@@ -784,6 +808,15 @@ class _Parser:
                 self.at(top["on_guard_exit"], f"expected freeze or kill, got {v!r}"
                         f"{_suggest(str(v).lower(), GUARD_EXIT_ACTIONS)}")
 
+        on_loss = "freeze"
+        if "on_loss" in top:
+            v = self._scalar(top["on_loss"])
+            if str(v).lower() in LOSS_ACTIONS:
+                on_loss = str(v).lower()
+            elif v is not None or isinstance(top["on_loss"].node, yaml.ScalarNode):
+                self.at(top["on_loss"], f"expected freeze or ignore, got {v!r}"
+                        f"{_suggest(str(v).lower(), LOSS_ACTIONS)}")
+
         rules: list[Rule] = []
         for raw in [*layer.rules.values(), *layer.unnamed]:
             rule = self._rule(raw, lists, order=len(rules))
@@ -796,7 +829,7 @@ class _Parser:
         return Policy(
             version=1, rules=tuple(rules), mode=mode, workspace=workspace, default=default,
             flag_threshold=threshold, flag_window_s=window, ask=ask, redact=tuple(redact),
-            on_guard_exit=on_guard_exit,
+            on_guard_exit=on_guard_exit, on_loss=on_loss,
             lists={k: v for k, v in plain.items() if k not in SPECIAL_LISTS},
             agent_config_files=plain.get("agent_config_files", ()),
             deny_write=plain.get("deny_write", ()), source=source, sources=tuple(layer.files),
@@ -915,7 +948,7 @@ class _Parser:
         kinds = [k for k in RULE_KINDS if k.value in f]
         if not kinds:
             self.err(raw.file, raw.line, raw.prefix,
-                     "rule needs one of exec, open, unlink, connect")  # fmt: skip
+                     f"rule needs one of {', '.join(k.value for k in RULE_KINDS)}")  # fmt: skip
             return None
         if len(kinds) > 1:
             self.at(

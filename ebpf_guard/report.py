@@ -193,6 +193,14 @@ def describe(ev: Any) -> str:
         return ""
     kind = _s(ev.get("kind"))
     path = _s(ev.get("path") or ev.get("raw_path"))
+    real = _s(ev.get("real_path"))
+    if real and real != path:
+        path = f"{path} -> {real}"  # what the kernel reached (a symlink, hard link, alias)
+    if ev.get("dev_ino"):
+        path += f" [{_s(ev.get('dev_ino'))}]"
+    if kind in ("rename", "link", "symlink"):
+        dest = _s(ev.get("dest_real_path") or ev.get("dest_path") or ev.get("dest_raw_path"))
+        return f"{kind} {path} => {dest}"
     if kind == "exec":
         argv = _s(ev.get("argv")) + (" …" if ev.get("argv_truncated") else "")
         return f"exec {path} [{argv}]" if argv else f"exec {path}"

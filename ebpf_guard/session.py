@@ -53,6 +53,7 @@ class SessionOptions:
     output_path: Path | None
     quiet: bool
     workspace: str
+    buffer_pages: str = "256"  # click.Choice gives text; a power of two 1..4096
 
 
 @dataclass
@@ -106,13 +107,17 @@ class Session:
         from ebpf_guard.engine import Engine
         from ebpf_guard.guard import Guard
         from ebpf_guard.hosts import HostResolver
+        from ebpf_guard.identities import compile_identities
         from ebpf_guard.output import Printer
         from ebpf_guard.recording import Recorder
         from ebpf_guard.redact import Redactor
         from ebpf_guard.sensor import Sensor, SensorError
 
+        # Protected inodes and listed programs for this session's workspace (load_policy
+        # computed them for the policy's own): hard links and copies are judged by identity.
         self.engine = Engine(policy, workspace=opts.workspace, home_of=home_of,
-                             mode=Mode(opts.mode) if opts.mode else None)
+                             mode=Mode(opts.mode) if opts.mode else None,
+                             identities=compile_identities(policy, workspace=opts.workspace))
         log_path = opts.log_path or Path(DEFAULT_LOG)
         try:
             redactor = Redactor(policy.redact)
@@ -169,13 +174,17 @@ class Session:
         self.watchdog = watchdog if watchdog is not None else stack.enter_context(Watchdog())
         # Audit mode enforces nothing, not even then: the watchdog only logs the guard's death.
         self.on_guard_exit = "none" if self.engine.mode is Mode.AUDIT else policy.on_guard_exit
+        # A lost event is a syscall nobody judged: in enforce mode the agent is frozen.
+        self.on_loss = policy.on_loss if self.engine.mode is Mode.ENFORCE else "ignore"
+        self._lost_seen = 0
         try:
             self.watchdog.start(action=self.on_guard_exit, log=log_path, freezer=freezer,
                                 cgroup=cgroup, session=session_name)
         except WatchdogError as e:
             raise SessionError(str(e)) from None
         self.actuator = Actuator(cgroup, freezer=freezer, mode=self.engine.mode)
-        self.sensor = Sensor(cgroups=[cgroup] if cgroup else [], pids=pids)
+        self.sensor = Sensor(cgroups=[cgroup] if cgroup else [], pids=pids,
+                             page_cnt=int(opts.buffer_pages))
         t0 = time.monotonic()
         try:
             # Say what was done to the host, never silently: tracefs mounted, headers fallback.
@@ -184,9 +193,17 @@ class Session:
             if headers.state != "matching":
                 notes.append(f"kernel headers: {headers.state}: {headers.detail}")
             self.sensor.start()
+            if self.sensor.layouts is None:
+                # Loud on every start and in the start record: the guard then judges strings.
+                notes.append(f"NO KERNEL IDENTITIES: {self.sensor.btf_error}; events carry only "
+                             "the names processes pass (a symlink, hard link or renamed tool is "
+                             "judged by its name)")
             names, paths = self.engine.kernel_exec_kills()
+            kill_inodes, hold_inodes = self.engine.kernel_exec_inodes()
             for entry in self.sensor.set_exec_rules(kill_names=names, kill_paths=paths,
-                                                    hold_names=self.engine.kernel_exec_gates()):
+                                                    hold_names=self.engine.kernel_exec_gates(),
+                                                    kill_inodes=kill_inodes,
+                                                    hold_inodes=hold_inodes):
                 notes.append(f"exec rule {entry!r} cannot be matched in the kernel; "
                              "it is decided after the exec starts")
         except (SensorError, host.HostError) as e:
@@ -222,6 +239,8 @@ class Session:
                          "freezer": str(freezer.path) if freezer else None,
                          "watchdog": self.watchdog.proc.pid if self.watchdog.proc else None,
                          "on_guard_exit": self.on_guard_exit,
+                         "identity": "kernel" if self.sensor.layouts else "strings",
+                         "on_loss": self.on_loss,
                          "attach_ms": round(self.attach_s * 1000, 1)})
         # Last: "attached" means the loop can start now.
         self.printer.message(
@@ -241,6 +260,10 @@ class Session:
         events = self.sensor.poll(timeout_ms)
         for event in events:
             self.guard.handle(event)
+        lost = self.sensor.stats.lost
+        if lost > self._lost_seen:
+            self.guard.events_lost(lost - self._lost_seen, lost, freeze=self.on_loss == "freeze")
+            self._lost_seen = lost
         self.guard.tick()
         return len(events)
 

@@ -18,8 +18,9 @@ KREL="$(uname -r)"
 ARCH="$(dpkg --print-architecture)"
 APT_PACKAGES=(python3-bpfcc python3-venv python3-pip iproute2 procps kmod util-linux ca-certificates curl git)
 # Only the HTML report render test needs a browser. On Ubuntu `chromium` is a snap shim that
-# fails in containers, so it is Debian-only; the test says so when it skips.
-OPTIONAL_PACKAGES=(chromium)
+# fails in containers, so it is Debian-only; the test says so when it skips. bpftool: only the
+# BTF test's cross-check uses it (Ubuntu ships it inside linux-tools instead).
+OPTIONAL_PACKAGES=(chromium bpftool)
 
 apt_updated=0
 apt_update_once() { [ "$apt_updated" = 1 ] || { say "apt-get update"; apt-get update -qq; apt_updated=1; }; }
@@ -35,9 +36,9 @@ apt_install() {
 setup_packages() {
   apt_install "${APT_PACKAGES[@]}"
   if grep -qi '^ID=debian' /etc/os-release; then
-    apt_install "${OPTIONAL_PACKAGES[@]}" || say "optional packages unavailable: ${OPTIONAL_PACKAGES[*]} (the HTML render test will skip)"
+    apt_install "${OPTIONAL_PACKAGES[@]}" || say "optional packages unavailable: ${OPTIONAL_PACKAGES[*]} (the HTML render test and the bpftool cross-check will skip)"
   else
-    say "not Debian: skipping optional ${OPTIONAL_PACKAGES[*]} (the HTML render test will skip)"
+    say "not Debian: skipping optional ${OPTIONAL_PACKAGES[*]} (the HTML render test and the bpftool cross-check will skip)"
   fi
 }
 

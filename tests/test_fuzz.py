@@ -44,12 +44,18 @@ from ebpf_guard.events import (
     KIND_CODES,
     MAX_ARGS,
     PATH_LEN,
+    REAL_LEN,
     Event,
     Kind,
+    RawExecEvent,
 )
 from ebpf_guard.policy import Policy, PolicyError, load_policy, parse_policy
-from ebpf_guard.sensor import _HDR, DecodeError, Sensor
+from ebpf_guard.sensor import DecodeError, Sensor
+from ebpf_guard.sensor.decode import _HDR
+from ebpf_guard.sensor.decode import _PATH_KINDS as PATH_KINDS
 from tests.helpers import scaled
+
+TWO_NAMES = (Kind.RENAME, Kind.LINK, Kind.SYMLINK)
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = sorted((ROOT / "policies").glob("*.yaml"))
@@ -565,13 +571,26 @@ def kernel_like_records(draw: st.DrawFn) -> tuple[bytes, bool]:
     path = draw(st.binary(max_size=PATH_LEN - 1)) + b"\0"
     plen = len(path) if exact else draw(_u32)
     pad = b"" if exact else draw(st.binary(max_size=8))
-    if kind in (Kind.OPEN, Kind.UNLINK, Kind.CHDIR):
-        body = path[:plen] if exact else draw(st.binary(max_size=PATH_LEN + 8))
+    if kind in PATH_KINDS:
+        # struct ev_obj, path2_len + pad, then the packed strings: path, path2, real, real2.
+        if exact:
+            path2 = (draw(st.binary(max_size=PATH_LEN - 1)) + b"\0") if kind in TWO_NAMES else b""
+            real = draw(st.binary(max_size=REAL_LEN - 1))
+            real2 = draw(st.binary(max_size=REAL_LEN - 1)) if kind in TWO_NAMES else b""
+            obj = struct.pack("<QQIIII", draw(_u32), draw(_u32), len(real), len(real2), len(path2), 0)
+            body = obj + path + path2 + real + real2
+        else:
+            obj = struct.pack("<QQIIII", draw(_u32), draw(_u32), draw(_u32), draw(_u32), draw(_u32), 0)
+            body = obj + draw(st.binary(max_size=PATH_LEN + 8))
     elif kind is Kind.EXEC:
         argc = draw(st.integers(0, MAX_ARGS)) if exact else draw(_u32)
         args = b"".join(draw(st.binary(max_size=ARG_LEN)).ljust(ARG_LEN, b"\0")
                         for _ in range(min(argc, MAX_ARGS + 1)))  # fmt: skip
-        body = path.ljust(PATH_LEN, b"\0") + struct.pack("<II", argc, 0) + args
+        real, cwd = draw(st.binary(max_size=REAL_LEN - 1)), draw(st.binary(max_size=REAL_LEN - 1))
+        obj = struct.pack("<QQII", draw(_u32), draw(_u32), len(real) if exact else draw(_u32),
+                          len(cwd) if exact else draw(_u32))
+        body = (obj + real.ljust(REAL_LEN, b"\0") + cwd.ljust(REAL_LEN, b"\0") + path.ljust(PATH_LEN, b"\0")
+                + struct.pack("<II", argc, 0) + args)
         if not exact:
             body = body[: draw(st.integers(0, len(body)))]
     elif kind is Kind.CONNECT:
@@ -631,7 +650,7 @@ def test_decode_counts_what_it_drops() -> None:
     sensor = Sensor()
     good = _HDR.pack(1, 2, 3, 0, 10, 10, 1, 0, _KIND[Kind.EXIT], 0, 0, 0, 0, 0, b"sh".ljust(16, b"\0"))
     exec_hdr = _HDR.pack(2, 2, 3, 0, 10, 10, 1, 0, _KIND[Kind.EXEC], 0, 0, 0, 0, 1, b"sh".ljust(16, b"\0"))
-    huge_argc = exec_hdr + b"\0" * PATH_LEN + struct.pack("<II", 2**32 - 1, 0)
+    huge_argc = exec_hdr + b"\0" * (RawExecEvent.argc.offset - _HDR.size) + struct.pack("<II", 2**32 - 1, 0)
     sensor._raw = [b"short", good, huge_argc, good[:-1]]
     events = sensor._take(None)
     assert [e.kind for e in events] == [Kind.EXIT]

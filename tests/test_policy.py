@@ -332,3 +332,37 @@ def test_parse_policy_source_name() -> None:
     with pytest.raises(PolicyError) as e:
         parse_policy("version: 1\nmode: x\n")
     assert str(e.value).startswith("<string>:2: mode: ")
+
+
+def test_new_event_kinds_and_on_loss(tmp_path: Path) -> None:
+    """Issue 9: rules for rename/link/symlink/truncate/mmap_exec/io_uring/ptrace in the style of
+    the others, and the `on_loss` key; every mistake is one located line."""
+    text = """\
+version: 1
+on_loss: Ignore
+rules:
+  - {name: r, rename: {path: /x/**, path_not: [/x/tmp/**]}, verdict: HALT}
+  - {name: u, io_uring: any, verdict: HALT}
+  - {name: p, ptrace: {name: gdb}, verdict: SAFE}
+  - {name: m, mmap_exec: {name: curl}, verdict: KILL}
+"""
+    p = parse_policy(text)
+    assert p.on_loss == "ignore"
+    assert [(r.name, r.kind, r.tier) for r in p.rules] == [
+        ("r", Kind.RENAME, 1), ("u", Kind.IO_URING, 3), ("p", Kind.PTRACE, 2), ("m", Kind.MMAP_EXEC, 1)
+    ]  # fmt: skip
+    bad = """\
+version: 1
+on_loss: halt
+rules:
+  - {name: a, truncate: {access: [write]}, verdict: HALT}
+  - {name: b, io_uring: {addr: 10.0.0.0/8}, verdict: HALT}
+  - {name: c, verdict: HALT}
+"""
+    assert errors_of(tmp_path, bad) == [
+        "2: on_loss: expected freeze or ignore, got 'halt'",
+        "4: rules[0].truncate.access: unknown key 'access'",
+        "5: rules[1].io_uring.addr: unknown key 'addr'",
+        "6: rules[2]: rule needs one of exec, open, unlink, connect, rename, link, symlink, "
+        "truncate, mmap_exec, io_uring, ptrace",
+    ]

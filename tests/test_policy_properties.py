@@ -9,7 +9,9 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ebpf_guard.matchers import PathIndex, expand_vars, glob_match, normalize_path
+from ebpf_guard.matchers import PathIndex, expand_vars, glob_match
+from ebpf_guard.options import TABLES, parse_argv
+from ebpf_guard.pathnames import normalize
 from ebpf_guard.policy import MAX_DURATION_S, _valid_host, parse_duration
 
 NAME = st.text(alphabet="abc.-_", min_size=1, max_size=4)
@@ -28,9 +30,9 @@ CLEAN = st.lists(NAME.filter(lambda s: s not in (".", "..")), min_size=1, max_si
 
 @given(RAW_PATH)
 def test_normalize_is_absolute_clean_and_idempotent(raw: str) -> None:
-    p = normalize_path(raw)
+    p = normalize(raw)
     assert p.startswith("/")
-    assert normalize_path(p) == p
+    assert normalize(p) == p
     assert "//" not in p
     assert p == "/" or not p.endswith("/")
     assert all(seg not in (".", "..") for seg in p.split("/"))
@@ -44,13 +46,13 @@ def test_normalize_agrees_with_normpath_where_posix_does(raw: str) -> None:
     # POSIX lets an implementation treat exactly two leading slashes specially; Linux does not.
     if expected.startswith("//"):
         expected = expected[1:]
-    assert normalize_path(raw) == expected
+    assert normalize(raw) == expected
 
 
 @given(RAW_PATH, CLEAN)
 def test_relative_paths_join_the_cwd(raw: str, cwd: str) -> None:
     rel = raw.lstrip("/")
-    assert normalize_path(rel, cwd) == normalize_path(cwd + "/" + rel)
+    assert normalize(rel, cwd) == normalize(cwd + "/" + rel)
 
 
 @given(CLEAN)
@@ -144,3 +146,23 @@ def test_duration_parsing_agrees_with_the_old_regex(text: str) -> None:
     if old is not None and not 0 < old <= MAX_DURATION_S:
         old = None  # out of range: refused by both, the new one says why
     assert parse_duration(text) == old
+
+
+_LONG = [(tool, name) for tool, table in TABLES.items() for name in table.long]
+
+
+@given(st.sampled_from(_LONG), st.integers(1, 40), st.booleans())
+def test_any_prefix_of_a_long_option_counts_as_it(case: tuple[str, str], n: int, eq: bool) -> None:
+    """GNU getopt_long reads a unique prefix as the option; an ambiguous one is refused by the
+    program and read as all candidates here: either way a rule naming the option matches,
+    unless the prefix is itself another option's exact name."""
+    tool, name = case
+    prefix = name[:n]
+    arg = f"--{prefix}=x" if eq else f"--{prefix}"
+    parsed = parse_argv(tool, [tool, arg, "/some/operand"])
+    if prefix in TABLES[tool].long and prefix != name:
+        assert parsed.long == {prefix}
+    else:
+        assert parsed.long_given(name)
+        unique = [o for o in TABLES[tool].long if o.startswith(prefix)] == [name]
+        assert (parsed.long == {name}) is (unique or prefix == name)

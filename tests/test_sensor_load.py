@@ -27,7 +27,9 @@ TRACEPOINT_PROBE = re.compile(r"^TRACEPOINT_PROBE\(\s*(\w+)\s*,\s*(\w+)\s*\)", r
 # x86_64 syscall numbers: the calls glibc may route elsewhere (open -> openat, ...) are made raw,
 # so that each tracepoint of the sensor is hit for certain.
 SYS = {"open": 2, "chdir": 80, "fchdir": 81, "rmdir": 84, "unlink": 87, "openat": 257, "unlinkat": 263,
-       "execveat": 322, "bpf": 321, "openat2": 437}
+       "execveat": 322, "bpf": 321, "openat2": 437, "rename": 82, "renameat": 264, "renameat2": 316,
+       "link": 86, "linkat": 265, "symlink": 88, "symlinkat": 266, "truncate": 76, "ftruncate": 77,
+       "io_uring_setup": 425, "ptrace": 101, "sendmmsg": 307}  # x86_64
 BPF_ENABLE_STATS, BPF_STATS_RUN_TIME = 32, 0
 AT_FDCWD, AT_REMOVEDIR = -100, 0x200
 
@@ -77,6 +79,24 @@ def hit_every_tracepoint(tmp: Path) -> None:
             s.connect(str(tmp / "no-such-socket"))
         except OSError:
             pass
+    a, b = str(tmp / "a").encode(), str(tmp / "b").encode()
+    _sys("rename", a, b)
+    _sys("renameat", AT_FDCWD, a, AT_FDCWD, b)
+    _sys("renameat2", AT_FDCWD, a, AT_FDCWD, b, 0)
+    _sys("link", a, b)
+    _sys("linkat", AT_FDCWD, a, AT_FDCWD, b, 0)
+    _sys("symlink", a, b)
+    _sys("symlinkat", a, AT_FDCWD, b)
+    _sys("truncate", a, 0)
+    _sys("ftruncate", -1, 0)
+    _sys("io_uring_setup", 0, None)  # EINVAL: 0 entries
+    _sys("ptrace", 16, 0, None, None)  # PTRACE_ATTACH to pid 0: ESRCH
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        dest = ("127.0.0.1", 9)
+        s.sendto(b"x", dest)
+        s.sendmsg([b"x"], [], 0, dest)
+        msg = (ctypes.c_char * 64)()  # struct mmsghdr, all zero: no destination
+        _sys("sendmmsg", s.fileno(), msg, 1, 0)
     subprocess.run(["/bin/true"], check=True)  # fork, execve, exit
     subprocess.run([sys.executable, "-c", EXECVEAT], check=True)  # execveat
 

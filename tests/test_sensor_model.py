@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from ebpf_guard.procmodel import AT_FDCWD, ProcModel, join, normalize, read_stat
+from ebpf_guard.pathnames import join, normalize
+from ebpf_guard.sensor.procfs import AT_FDCWD, ProcModel, read_stat
 
 
 @pytest.mark.parametrize(

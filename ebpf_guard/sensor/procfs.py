@@ -1,9 +1,11 @@
-"""Userspace model of watched processes: cwd and fd -> path, driven by kernel events.
+"""The one /proc parser, and the userspace model of watched processes built on it.
 
-Why a model and not /proc: a process that lives 1 ms (`cd ~/.ssh && cat id_rsa`) is gone
-before its events are decoded, so /proc/PID/cwd is empty by then. The kernel cannot give us
-the path either (no d_path from tracepoints, and task_struct offsets are unknown). So the
-sensor replays what the kernel reports, in timestamp order:
+Model: cwd, exe and fd -> path, driven by kernel events. Why a model and not /proc: a
+process that lives 1 ms (`cd ~/.ssh && cat id_rsa`) is gone before its events are decoded,
+so /proc/PID/cwd is empty by then. With BTF the kernel reports what each fd, cwd and binary
+really is (the events' real paths), and the model keeps those; without BTF it is the
+fallback that gives a requested path its absolute form. The sensor replays what the kernel
+reports, in timestamp order:
 
   fork          child inherits the parent's cwd and fd table
   chdir/fchdir  (emitted at syscall exit, only applied when ret == 0) sets cwd
@@ -12,41 +14,20 @@ sensor replays what the kernel reports, in timestamp order:
 
 /proc is read only for processes the model has never seen being born (they existed before
 attach, or entered a watched cgroup after forking outside it), and only as a fallback.
-Paths are normalised lexically (`..`, `.`, `//`) without touching the filesystem.
+Paths are normalised lexically by `ebpf_guard.pathnames`, without touching the filesystem.
 """
 
 from __future__ import annotations
 
 import os
-import posixpath
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from ebpf_guard.pathnames import join, normalize
+
 AT_FDCWD = -100
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def normalize(path: str) -> str:
-    """Lexically normalised absolute path: no `.`, `..`, `//`, trailing `/`."""
-    # Fast path: most paths from real programs are already normal.
-    if "//" not in path and "/." not in path and (len(path) < 2 or path[-1] != "/"):
-        return path
-    p = posixpath.normpath(path)
-    # POSIX lets normpath keep a leading "//"; Linux gives it no meaning.
-    if p.startswith("//"):
-        p = "/" + p.lstrip("/")
-    return p
-
-
-def join(base: str | None, raw: str) -> str | None:
-    """Absolute form of `raw` relative to `base`; None if it needs an unknown base."""
-    if raw.startswith("/"):
-        return normalize(raw)
-    if base is None:
-        return None
-    if raw == "":
-        return base
-    return normalize(f"{base}/{raw}")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def read_cwd(tgid: int) -> str | None:
@@ -54,6 +35,13 @@ def read_cwd(tgid: int) -> str | None:
         return os.readlink(f"/proc/{tgid}/cwd")
     except OSError:
         return None
+
+
+def read_exe(tgid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{tgid}/exe")
+    except OSError:
+        return ""
 
 
 def read_fd(tgid: int, fd: int) -> str | None:
@@ -70,46 +58,102 @@ def boot_to_monotonic_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns()
 
 
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """/proc/PID/stat from field 3 (state) on; None if the pid is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # comm may contain spaces and parentheses: split after the last ')'.
+    return data[data.rfind(b")") + 2 :].split()
+
+
+def state(pid: int) -> str | None:
+    """The state letter of /proc/PID/stat (R, S, D, Z, X, ...); None if the pid is gone."""
+    fields = _stat_fields(pid)
+    return fields[0].decode() if fields else None
+
+
+def start_ticks(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (start, clock ticks since boot); None if the pid is gone."""
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[19])
+
+
+def ticks_to_ns(ticks: int) -> int:
+    """Clock ticks (USER_HZ, the unit of /proc's times) -> ns."""
+    return ticks * 1_000_000_000 // CLK_TCK
+
+
+def ticks_to_monotonic_ns(ticks: int) -> int:
+    """A /proc start time (clock ticks since boot, CLOCK_BOOTTIME) as CLOCK_MONOTONIC ns,
+    bpf_ktime_get_ns's clock, which does not count suspend. Resolution: one tick."""
+    return ticks_to_ns(ticks) - boot_to_monotonic_ns()
+
+
 def read_stat(tgid: int) -> tuple[int, int] | None:
     """(ppid, start_ns) from /proc/PID/stat, start_ns on bpf_ktime_get_ns's clock.
 
     starttime is in clock ticks since boot (CLOCK_BOOTTIME); bpf_ktime_get_ns is
     CLOCK_MONOTONIC, which does not count suspend. Resolution: one tick (10 ms at HZ 100).
     """
-    try:
-        with open(f"/proc/{tgid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
+    fields = _stat_fields(tgid)
+    if fields is None:
         return None
-    # comm may contain spaces and parentheses: split after the last ')'.
-    fields = data[data.rfind(b")") + 2 :].split()
     ppid = int(fields[1])
-    start_ticks = int(fields[19])
-    start_ns = start_ticks * 1_000_000_000 // _CLK_TCK - boot_to_monotonic_ns()
+    start_ns = ticks_to_monotonic_ns(int(fields[19]))
     return ppid, max(start_ns, 0)
 
 
 def alive(pid: int) -> bool:
     """Exists and has not exited (a zombie has run its exit already)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    return data[data.rfind(b")") + 2 : data.rfind(b")") + 3] not in (b"Z", b"X")
+    st = state(pid)
+    return st is not None and st not in ("Z", "X")
+
+
+def _proc_table() -> dict[int, int]:
+    """pid -> ppid of every process, from /proc."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            stat = read_stat(int(name))
+            if stat is not None:
+                out[int(name)] = stat[0]
+    return out
+
+
+def descendants(roots: Iterable[int], table: dict[int, int] | None = None) -> set[int]:
+    """The roots and every live descendant (by current ppid)."""
+    table = _proc_table() if table is None else table
+    children: dict[int, list[int]] = {}
+    for pid, ppid in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = set(), list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(children.get(pid, ()))
+    return found
 
 
 @dataclass(slots=True)
 class ProcState:
+    """What the model knows of one process: identity, cwd and open fds."""
+
     start_ns: int  # 0 = not yet known (a child seen only through its parent's fork)
     ppid: int
     cwd: str | None  # None = unknown
     fds: dict[int, str] = field(default_factory=dict)
     born_seen: bool = False  # fork observed: state is exact, /proc is never consulted
     last_seen_ns: int = 0
+    exe: str = ""  # the program it runs: the kernel's real path at exec, else /proc/PID/exe
 
 
 class ProcModel:
+    """Owns the ProcState of every process seen (tgid -> state) and resolves their paths."""
+
     def __init__(self) -> None:
         self.procs: dict[int, ProcState] = {}
 
@@ -121,7 +165,7 @@ class ProcModel:
         stat = read_stat(tgid)
         if stat is None:
             return None
-        st = ProcState(start_ns=stat[1], ppid=stat[0], cwd=read_cwd(tgid))
+        st = ProcState(start_ns=stat[1], ppid=stat[0], cwd=read_cwd(tgid), exe=read_exe(tgid))
         self.procs[tgid] = st
         return st
 
@@ -141,7 +185,8 @@ class ProcModel:
 
     def fork(self, parent: ProcState, child_tgid: int, parent_tgid: int) -> None:
         self.procs[child_tgid] = ProcState(
-            start_ns=0, ppid=parent_tgid, cwd=parent.cwd, fds=dict(parent.fds), born_seen=True
+            start_ns=0, ppid=parent_tgid, cwd=parent.cwd, fds=dict(parent.fds), born_seen=True,
+            exe=parent.exe,
         )
 
     def exit(self, tgid: int) -> None:

@@ -1,0 +1,140 @@
+"""The two perf buffers (urgent, bulk): draining them into a time-ordered batch of events."""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ebpf_guard.events import Event
+
+from .decode import _HDR, _HDR_SIZE, DecodeError, Decoder
+from .loader import SensorError
+
+
+@dataclass
+class SensorStats:
+    events: int = 0  # events decoded and returned
+    lost_urgent: int = 0  # samples the kernel dropped: urgent buffer full
+    lost_bulk: int = 0  # samples the kernel dropped: bulk buffer full
+    unresolved: int = 0  # events whose relative path could not be made absolute
+    pending: int = 0  # read from the kernel, held back by the time cut (see poll)
+    bad: int = 0  # records that could not be decoded (DecodeError): dropped
+
+    @property
+    def lost(self) -> int:
+        return self.lost_urgent + self.lost_bulk
+
+
+def _by_ts(item: tuple[tuple, bytes]) -> int:
+    return item[0][0]
+
+
+class Transport:
+    """Owns the perf buffers' userspace side: the records read and not yet decoded (`raw`),
+    those held back by the time cut (`pending`), and the loss and bad-record counts."""
+
+    def __init__(
+        self, decoder: Decoder, stats: SensorStats, *,
+        page_cnt: int, wakeup_events: int, urgent_page_cnt: int,
+    ) -> None:
+        self._decoder = decoder
+        self._stats = stats
+        self._page_cnt = page_cnt
+        self._wakeup_events = wakeup_events
+        self._urgent_page_cnt = urgent_page_cnt
+        self.raw: list[bytes] = []
+        self.pending: list[tuple[tuple, bytes]] = []
+        self._lost_reported = [0, 0]  # by the perf buffers' lost callbacks: urgent, bulk
+
+    def open(self, b: Any) -> None:
+        """Open both buffers of the loaded object `b`, or raise SensorError."""
+        # The urgent buffer is opened first: perf_buffer_consume() drains readers in this
+        # order (see poll).
+        try:
+            b[b"urgent"].open_perf_buffer(
+                self._on_event, page_cnt=self._urgent_page_cnt, lost_cb=self._on_lost_urgent
+            )
+            b[b"bulk"].open_perf_buffer(
+                self._on_event,
+                page_cnt=self._page_cnt,
+                lost_cb=self._on_lost_bulk,
+                wakeup_events=self._wakeup_events,
+            )
+        except Exception as e:
+            raise SensorError(f"cannot open the perf buffers: {e}") from e
+
+    def _on_event(self, _cpu: int, data: int, size: int) -> None:
+        self.raw.append(ctypes.string_at(data, size))
+
+    def _on_lost_urgent(self, count: int) -> None:
+        self._lost_reported[0] += count
+        self._stats.lost_urgent = max(self._stats.lost_urgent, self._lost_reported[0])
+
+    def _on_lost_bulk(self, count: int) -> None:
+        self._lost_reported[1] += count
+        self._stats.lost_bulk = max(self._stats.lost_bulk, self._lost_reported[1])
+
+    def read_lost(self, b: Any) -> None:
+        """The kernel's own count of samples perf_submit could not write (map `lost`): a loss
+        is seen on this poll, not when the perf buffer reports it with the next sample on
+        that CPU. The larger of the two counts is the loss (they count the same samples)."""
+        table = b[b"lost"]
+        urgent = sum(table[ctypes.c_int(0)])
+        bulk = sum(table[ctypes.c_int(1)])
+        self._stats.lost_urgent = max(self._stats.lost_urgent, urgent)
+        self._stats.lost_bulk = max(self._stats.lost_bulk, bulk)
+    def poll(self, b: Any, timeout_ms: int = 2) -> list[Event]:
+        """Events up to now, in timestamp order. Blocks up to timeout_ms for the first one.
+
+        Ordering. Each event is stamped (bpf_ktime_get_ns) just before it is written, and
+        a process's events are written in program order, so if event A caused B (fork ->
+        child's open, open -> fchdir on that fd, chdir -> relative open), A was in its
+        buffer before B was stamped. We take `cut` = now, and only then drain: urgent first
+        (exec/fork/exit/chdir, which the policy wants soonest), then bulk. Every event
+        stamped <= cut therefore has all its causes in this batch, whichever buffer
+        they went through, and returning exactly the events stamped <= cut, sorted, gives a
+        consistent prefix of the stream. Events stamped after `cut` (they raced the drain)
+        are held for the next call, which then does not block. Draining alone, in either
+        order, is not enough: a bulk event can have an urgent cause written after the
+        urgent drain finished, and vice versa.
+        """
+        b.perf_buffer_poll(0 if self.pending else timeout_ms)
+        cut = time.monotonic_ns()
+        b.perf_buffer_consume()
+        self.read_lost(b)
+        return self.take(cut)
+
+    def drain(self, b: Any) -> list[Event]:
+        """Every event still in the buffers, nothing held back (for close)."""
+        b.perf_buffer_consume()
+        return self.take(None)
+
+    def take(self, cut: int | None) -> list[Event]:
+        """Decode the records read so far that are stamped <= cut (all if cut is None)."""
+        raw, self.raw = self.raw, []
+        unpack = _HDR.unpack_from
+        batch = [(unpack(r), r) for r in raw if len(r) >= _HDR_SIZE]
+        self._stats.bad += len(raw) - len(batch)
+        if self.pending:
+            batch = self.pending + batch
+            self.pending = []
+        if cut is not None and batch and max(h[0] for h, _ in batch) > cut:
+            self.pending = [x for x in batch if x[0][0] > cut]
+            batch = [x for x in batch if x[0][0] <= cut]
+        # Each per-CPU buffer is already in order: timsort merges those runs cheaply.
+        batch.sort(key=_by_ts)
+        decode = self._decoder._decode
+        out = []
+        for h, r in batch:
+            try:
+                ev = decode(h, r)
+            except DecodeError:
+                self._stats.bad += 1  # one bad record must not stop the loop
+                continue
+            if ev is not None:
+                out.append(ev)
+        self._stats.events += len(out)
+        self._decoder.prune()
+        return out
