@@ -44,7 +44,8 @@ setup_packages() {
 
 # bcc compiles BPF C against kernel headers. Prefer headers that match the running kernel;
 # when the distro has none (custom/cloud kernels), fall back to the distro's generic headers
-# and say so: struct layouts may then differ, which is why bpf/ never reads kernel structs.
+# and say so: their struct layouts may then differ, which is why bpf/ reads kernel structs only
+# through offsets taken from the running kernel's BTF (ebpf_guard/sensor/btf.py).
 setup_headers() {
   local mod="/lib/modules/$KREL"
   if [ -e "$mod/build/include/linux/kconfig.h" ] || [ -e "$mod/build/Makefile" ]; then

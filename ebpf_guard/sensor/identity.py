@@ -90,6 +90,10 @@ class ExecIdentifier:
                 out.append("")
             elif (arg.startswith("-") and not operands_only) or not arg or len(arg) > _MAX_ARG:
                 out.append("")
+            elif ":" in arg.split("/", 1)[0]:
+                # A URL, host:port or scp's host:path, not a local file: as a "path" it would
+                # be mangled past the redactor's patterns (`https://user:pw@` -> `https:/user:pw@`).
+                out.append("")
             elif not arg.startswith("/") and not cwd:
                 out.append("")  # relative, and the cwd is unknown: never guess
             else:
