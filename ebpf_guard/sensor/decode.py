@@ -265,7 +265,7 @@ class Decoder:
         elif kind is Kind.EXEC:
             self._decode_exec(ev, st, r, flags, fd, sc_flags, ret, plen, notes)
         elif kind is Kind.CONNECT:
-            self._decode_dest(ev, r, flags, sc_flags)
+            decode_dest(ev, r, flags, sc_flags)
         elif kind is Kind.FORK:
             ev.child_pid = child
             model.fork(st, child, tgid)
@@ -317,7 +317,7 @@ class Decoder:
         elif not named:
             path = model.dir_of(st, tgid, fd)  # fchdir(fd), ftruncate(fd), mmap(fd)
         elif kind in _DIR_KINDS and flags & F_REAL and not flags & F_REAL_CUT:
-            path = self._base_walked(st, fd, real, raw_path)
+            path = base_walked(st, fd, real, raw_path)
         else:
             path = model.resolve(st, tgid, fd, raw_path)
         self._set_path(ev, path, notes)
@@ -335,7 +335,7 @@ class Decoder:
             ev.dest_raw_path = raw2
             dfd = fd2 - (1 << 32) if fd2 >= 1 << 31 else fd2  # child_pid carries the 2nd dirfd
             if flags & F_REAL2 and not flags & F_REAL2_CUT:
-                ev.dest_path = self._base_walked(st, dfd, real2, raw2)
+                ev.dest_path = base_walked(st, dfd, real2, raw2)
             else:
                 ev.dest_path = model.resolve(st, tgid, dfd, raw2) or ""
             ev.dest_real_path = self._entry_real(raw2, real2, flags & F_REAL2, tgid, st)
@@ -351,17 +351,6 @@ class Decoder:
             ev.access = frozenset({WRITE, TRUNCATE})
         elif kind is Kind.CHDIR and ret == 0:
             st.cwd = ev.real_path if ev.real_path and not ev.path_cut else path
-
-    @staticmethod
-    def _base_walked(st: ProcState, dfd: int, base: str, raw: str) -> str:
-        """A relative name whose base directory the kernel walked (the fd table as it is: a
-        dup2'ed or inherited dirfd included): the name against that base, and the model
-        corrected, so later fallbacks start from the truth."""
-        if dfd == AT_FDCWD:
-            st.cwd = base
-        else:
-            st.fds[dfd] = base
-        return normalize(raw, base)
 
     def _set_path(self, ev: Event, path: str | None, notes: list[str]) -> None:
         """The requested path's absolute form, or the note that its base was unknown."""
@@ -404,7 +393,7 @@ class Decoder:
                 raise DecodeError(f"exec record with cwd length {clen}")
             st.cwd = r[_EXEC_CWD_OFF : _EXEC_CWD_OFF + clen].decode("utf-8", "backslashreplace")
         ev.cwd = st.cwd or ""
-        self._decode_argv(ev, r)
+        decode_argv(ev, r)
         if flags & F_ARGV_TRUNC:
             ev.argv_truncated = True
         if flags & F_REAL:
@@ -429,42 +418,56 @@ class Decoder:
         if ev.ret == 0 and self._identify is not None:
             self._identify(ev)
 
-    def _decode_dest(self, ev: Event, r: bytes, flags: int, sc_flags: int) -> None:
-        if len(r) < _CONN_UNIX_OFF:
-            raise DecodeError(f"connect record of {len(r)} bytes")
-        family, port, addrlen, addr = _CONN.unpack_from(r, _CONN_OFF)
-        ev.family = _FAMILIES.get(family, str(family))
-        ev.port = socket.ntohs(port)
-        ev.via = "sendto" if flags & F_SENDTO else "sendmsg" if flags & F_SENDMSG else "connect"
-        ev.flags = sc_flags
-        if family == socket.AF_INET:
-            ev.addr = socket.inet_ntop(socket.AF_INET, addr[:4])
-        elif family == socket.AF_INET6:
-            ev.addr = socket.inet_ntop(socket.AF_INET6, addr)
-        else:
-            n = min(max(addrlen - 2, 0), len(r) - _CONN_UNIX_OFF)
-            sun = r[_CONN_UNIX_OFF : _CONN_UNIX_OFF + n]
-            # Abstract sockets start with NUL; shown as "@name" like ss(8) does.
-            if sun[:1] == b"\0":
-                ev.addr = "@" + _text(sun[1:].replace(b"\0", b"@"))
-            else:
-                ev.addr = _text(sun)
-
-    @staticmethod
-    def _decode_argv(ev: Event, r: bytes) -> None:
-        if len(r) < _EXEC_ARGV_OFF:
-            raise DecodeError(f"exec record of {len(r)} bytes")
-        (argc,) = _EXEC_ARGC.unpack_from(r, _EXEC_ARGC_OFF)
-        if argc > MAX_ARGS or len(r) < _EXEC_ARGV_OFF + argc * ARG_LEN:
-            # Unchecked, a corrupt argc of 2**32-1 would build billions of empty arguments.
-            raise DecodeError(f"exec record of {len(r)} bytes with argc {argc}")
-        args = []
-        for i in range(argc):
-            off = _EXEC_ARGV_OFF + i * ARG_LEN
-            args.append(_text(r[off : off + ARG_LEN]))
-        ev.argv = tuple(args)
-
     def _learn_proc(self, tgid: int, st: ProcState) -> None:
         """Pass what /proc told us on (the kernel learns ppid/start_ns for later events)."""
         if self._learn is not None:
             self._learn(tgid, st)
+
+
+def base_walked(st: ProcState, dfd: int, base: str, raw: str) -> str:
+    """A relative name whose base directory the kernel walked (the fd table as it is: a
+    dup2'ed or inherited dirfd included): the name against that base, and the model
+    corrected, so later fallbacks start from the truth."""
+    if dfd == AT_FDCWD:
+        st.cwd = base
+    else:
+        st.fds[dfd] = base
+    return normalize(raw, base)
+
+
+def decode_dest(ev: Event, r: bytes, flags: int, sc_flags: int) -> None:
+    """struct ev_connect: a destination given to connect, sendto or sendmsg."""
+    if len(r) < _CONN_UNIX_OFF:
+        raise DecodeError(f"connect record of {len(r)} bytes")
+    family, port, addrlen, addr = _CONN.unpack_from(r, _CONN_OFF)
+    ev.family = _FAMILIES.get(family, str(family))
+    ev.port = socket.ntohs(port)
+    ev.via = "sendto" if flags & F_SENDTO else "sendmsg" if flags & F_SENDMSG else "connect"
+    ev.flags = sc_flags
+    if family == socket.AF_INET:
+        ev.addr = socket.inet_ntop(socket.AF_INET, addr[:4])
+    elif family == socket.AF_INET6:
+        ev.addr = socket.inet_ntop(socket.AF_INET6, addr)
+    else:
+        n = min(max(addrlen - 2, 0), len(r) - _CONN_UNIX_OFF)
+        sun = r[_CONN_UNIX_OFF : _CONN_UNIX_OFF + n]
+        # Abstract sockets start with NUL; shown as "@name" like ss(8) does.
+        if sun[:1] == b"\0":
+            ev.addr = "@" + _text(sun[1:].replace(b"\0", b"@"))
+        else:
+            ev.addr = _text(sun)
+
+
+def decode_argv(ev: Event, r: bytes) -> None:
+    """The argv slots of a struct ev_exec, bounded by the record's own length."""
+    if len(r) < _EXEC_ARGV_OFF:
+        raise DecodeError(f"exec record of {len(r)} bytes")
+    (argc,) = _EXEC_ARGC.unpack_from(r, _EXEC_ARGC_OFF)
+    if argc > MAX_ARGS or len(r) < _EXEC_ARGV_OFF + argc * ARG_LEN:
+        # Unchecked, a corrupt argc of 2**32-1 would build billions of empty arguments.
+        raise DecodeError(f"exec record of {len(r)} bytes with argc {argc}")
+    args = []
+    for i in range(argc):
+        off = _EXEC_ARGV_OFF + i * ARG_LEN
+        args.append(_text(r[off : off + ARG_LEN]))
+    ev.argv = tuple(args)

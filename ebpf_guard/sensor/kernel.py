@@ -6,6 +6,7 @@ import ctypes
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from ebpf_guard import cgroups as cg
 from ebpf_guard.events import EXEC_HOLD, EXEC_KILL, MAX_CGROUPS, NAME_LEN, PATH_LEN, Event
@@ -120,45 +121,9 @@ class Sensor:
         b = self._bpf
         if b is None:
             return
-        watched: list[tuple[int, int]] = []  # (depth below the v2 root, cgroup id)
-        if self._cgroups:
-            try:
-                root = cg.find_v2_mount()
-            except cg.CgroupError as e:
-                raise SensorError(str(e)) from e
-            for path in self._cgroups:
-                try:
-                    rel = path.resolve().relative_to(root)
-                    watched.append((len(rel.parts), os.stat(path).st_ino))
-                except (ValueError, OSError) as e:
-                    raise SensorError(f"{path} is not a cgroup under {root}") from e
-        watched = sorted(set(watched))
-        if len(watched) > MAX_CGROUPS:
-            raise SensorError(f"at most {MAX_CGROUPS} cgroups can be watched at once")
+        watched = _watched_cgroups(self._cgroups)
 
-        tracked = b[b"tracked"]
-        tracked.clear()
-        members: set[int] = set()
-        if self._pids:
-            for pid in self._pids:
-                if not os.path.exists(f"/proc/{pid}"):
-                    raise SensorError(f"no process with PID {pid}")
-            # Insert, then look again: a child forked between the /proc scan and the map
-            # update had an untracked parent when the kernel saw the fork.
-            for _ in range(2):
-                for pid in descendants(self._pids) - members:
-                    tracked[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
-                    members.add(pid)
-            # The kernel drops an entry at exit. A process that exited before its entry
-            # went in (a zombie, or gone) would keep it forever: check after inserting, so
-            # an exit racing with us is seen by one side or the other.
-            for pid in list(members):
-                if not alive(pid):
-                    try:
-                        del tracked[ctypes.c_uint32(pid)]
-                    except KeyError:
-                        pass  # the kernel saw the exit after all
-                    members.discard(pid)
+        members = _track_pids(b[b"tracked"], self._pids)
         for path in self._cgroups:
             members.update(cg.pids(path))
         self._seed(members)
@@ -294,3 +259,52 @@ class Sensor:
 
     def _take(self, cut: int | None) -> list[Event]:
         return self._transport.take(cut)
+
+
+def _watched_cgroups(paths: Sequence[Path]) -> list[tuple[int, int]]:
+    """(depth below the v2 root, cgroup id) of each watched cgroup: what the scope map holds."""
+    if not paths:
+        return []
+    try:
+        root = cg.find_v2_mount()
+    except cg.CgroupError as e:
+        raise SensorError(str(e)) from e
+    watched = []
+    for path in paths:
+        try:
+            rel = path.resolve().relative_to(root)
+            watched.append((len(rel.parts), os.stat(path).st_ino))
+        except (ValueError, OSError) as e:
+            raise SensorError(f"{path} is not a cgroup under {root}") from e
+    watched = sorted(set(watched))
+    if len(watched) > MAX_CGROUPS:
+        raise SensorError(f"at most {MAX_CGROUPS} cgroups can be watched at once")
+    return watched
+
+
+def _track_pids(tracked: Any, pids: Sequence[int]) -> set[int]:
+    """Fill the kernel's tracked-pid map with pids and their live descendants; returns them."""
+    tracked.clear()
+    members: set[int] = set()
+    if not pids:
+        return members
+    for pid in pids:
+        if not os.path.exists(f"/proc/{pid}"):
+            raise SensorError(f"no process with PID {pid}")
+    # Insert, then look again: a child forked between the /proc scan and the map
+    # update had an untracked parent when the kernel saw the fork.
+    for _ in range(2):
+        for pid in descendants(pids) - members:
+            tracked[ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+            members.add(pid)
+    # The kernel drops an entry at exit. A process that exited before its entry
+    # went in (a zombie, or gone) would keep it forever: check after inserting, so
+    # an exit racing with us is seen by one side or the other.
+    for pid in list(members):
+        if not alive(pid):
+            try:
+                del tracked[ctypes.c_uint32(pid)]
+            except KeyError:
+                pass  # the kernel saw the exit after all
+            members.discard(pid)
+    return members

@@ -15,6 +15,9 @@ from .loader import SensorError
 
 @dataclass
 class SensorStats:
+    """Counts of what the sensor delivered, lost and could not decode, for the summary and the
+    loss decision (Session)."""
+
     events: int = 0  # events decoded and returned
     lost_urgent: int = 0  # samples the kernel dropped: urgent buffer full
     lost_bulk: int = 0  # samples the kernel dropped: bulk buffer full
