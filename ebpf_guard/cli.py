@@ -321,6 +321,14 @@ def check(policies) -> None:
             # format_filename: a non-UTF-8 name must not make a strict UTF-8 stdout raise.
             click.echo(f"{click.format_filename(path)}: ok ({len(policy.rules)} rules, "
                        f"mode {policy.mode.value})")
+            ids = policy.identities
+            if ids is not None:
+                # What this host gives the rules beyond names: protected inodes, known programs.
+                tools = ", ".join(f"{t} ({len(inodes)})" for t, inodes in sorted(ids.tools.items()))
+                click.echo(f"  identities here: {len(ids.files)} protected files by inode; "
+                           f"programs by inode and hash: {tools or 'none'}")
+                for note in ids.notes:
+                    click.echo(f"  note: {note}")
     sys.exit(EXIT_USAGE if bad else EXIT_OK)
 
 

@@ -515,3 +515,13 @@ def test_old_recordings_are_judged_as_before() -> None:
         d = engine().evaluate(Event.from_dict(old))
         assert (d.verdict.value, d.rule) == (verdict, rule), d.reason
         assert " [" not in d.reason  # no other reading was needed
+
+
+def test_check_says_what_identities_the_host_gives_the_rules() -> None:
+    from click.testing import CliRunner
+
+    from ebpf_guard.cli import main
+
+    out = CliRunner().invoke(main, ["check", str(Path(__file__).resolve().parent.parent / "policies" / "default.yaml")])
+    assert out.exit_code == 0, out.output
+    assert "protected files by inode" in out.output and "curl (" in out.output
