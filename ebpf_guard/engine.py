@@ -146,7 +146,7 @@ class _CRule:
             if m.dir is not None and ev.is_dir != m.dir:
                 return False
         elif kind is Kind.EXEC:
-            args = ev.argv[1:]
+            args = c.args
             if self.args_any is not None and not any(self.args_any.match(a) for a in args):
                 return False
             if self.args_regex is not None and not self.args_regex.search(" ".join(args)):

@@ -66,6 +66,7 @@ class View:
     default: bool = True  # the policy default applies if no rule matches this view
     specific: bool = False  # only specific deny rules apply (a mapped file read as an exec)
     why: str = ""  # how this reading follows from the event, for the reason ("": as requested)
+    argv_from: int = 0  # where this program's argv starts in the event's (a loader's: 1 or more)
     ip: Any = None
     hosts: frozenset[str] = frozenset()
     _opts: ParsedArgs | None = None
@@ -74,8 +75,13 @@ class View:
     def opts(self) -> ParsedArgs:
         """argv read with the option table of the program this view says is running."""
         if self._opts is None:
-            self._opts = parse_argv(self.name or "", self.ev.argv)
+            self._opts = parse_argv(self.name or "", self.ev.argv[self.argv_from:])
         return self._opts
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        """The arguments after the program's own name."""
+        return self.ev.argv[self.argv_from + 1:]
 
     def operand_readings(self) -> list[list[str | None]]:
         """Each operand of an exec, as absolute paths: lexically against the cwd and, when the
@@ -91,7 +97,7 @@ class View:
                 lexical = normalize(text, self.cwd or "/")
             readings = [lexical]
             if real:
-                r = real[i]
+                r = real[i + self.argv_from]
                 readings.append(normalize(r) if r.startswith("/") else None)
             out.append(readings)
         return out
@@ -177,6 +183,14 @@ def _exec(ev: Event, ids: Identities, cwd: str | None) -> list[View]:
     if arg0 and arg0 != views[0].name:
         # A multi-call binary (busybox) runs the tool argv[0] names: `exec -a wget busybox`.
         views.append(View(ev, Kind.EXEC, path, cwd, name=arg0, why=f"argv[0] {ev.argv[0]}"))
+    loaded = _loaded_program(ev, views[0].name, ev.real_path)
+    if loaded is not None:
+        # `ld.so PROGRAM ARGS`: the loader runs PROGRAM with ARGS; judged as that exec too
+        # (its code arrives by mmap, which the kernel side also checks by inode).
+        k, prog = loaded
+        p = normalize(prog, cwd or "/") if prog.startswith("/") or cwd else None
+        views.append(View(ev, Kind.EXEC, p, cwd, name=basename(prog), argv_from=k,
+                          cut=p is None, why=f"run by the dynamic loader {path or ev.raw_path}"))
     real = _real(ev, ev.real_path, ev.path_cut)
     if real is not None and real[0] != path:
         p, cut = real
@@ -190,6 +204,34 @@ def _exec(ev: Event, ids: Identities, cwd: str | None) -> list[View]:
                           why=f"same program as {b.tool} ({how}); requested "
                               f"{path or ev.raw_path}"))  # fmt: skip
     return views
+
+
+# ld.so's own options that take a value (glibc's rtld --help).
+_LOADER_VALUE_OPTIONS = frozenset({"--library-path", "--preload", "--audit", "--argv0",
+                                   "--inhibit-rpath", "--glibc-hwcaps-prepend",
+                                   "--glibc-hwcaps-mask"})
+
+
+def _is_loader(name: str | None) -> bool:
+    return bool(name) and (name.startswith("ld-linux") or name.startswith("ld.so")
+                           or name.startswith("ld64.so") or name.startswith("ld-musl"))
+
+
+def _loaded_program(ev: Event, name: str | None, real_path: str) -> tuple[int, str] | None:
+    """(argv index, path) of the program a dynamic loader was asked to run, if this exec is
+    the loader run as a command."""
+    if not (_is_loader(name) or _is_loader(basename(real_path) if real_path else None)):
+        return None
+    i, argv = 1, ev.argv
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            i += 1
+            break
+        if not a.startswith("--"):
+            break
+        i += 1 if "=" in a or a not in _LOADER_VALUE_OPTIONS else 2
+    return (i, argv[i]) if i < len(argv) else None
 
 
 def _mmap(ev: Event, ids: Identities, obj: list[Name], cwd: str | None) -> list[View]:

@@ -201,7 +201,9 @@ def test_multi_call_binary_runs_what_argv0_names() -> None:
 def test_ld_so_running_curl_is_curl() -> None:
     """`ld.so /usr/bin/curl`: the exec is ld.so; curl's code arrives by mmap(PROT_EXEC)."""
     ldso = "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
-    assert judge(exec_([ldso, "/usr/bin/curl", "u"])) == ("SAFE", "")
+    # The exec itself is read as curl run by the loader (with curl's own argv) ...
+    assert judge(exec_([ldso, "/usr/bin/curl", "u"])) == ("HALT", "exfil-tool")
+    # ... and the mapping of curl's code is judged too (the kernel checks its inode there).
     mapped = ev("mmap_exec", raw_path="", real_path="/usr/bin/curl", dev=2049, ino=777)
     d = engine().evaluate(mapped)
     assert (d.verdict, d.rule) == (Verdict.HALT, "exfil-tool")
@@ -525,3 +527,15 @@ def test_check_says_what_identities_the_host_gives_the_rules() -> None:
     out = CliRunner().invoke(main, ["check", str(Path(__file__).resolve().parent.parent / "policies" / "default.yaml")])
     assert out.exit_code == 0, out.output
     assert "protected files by inode" in out.output and "curl (" in out.output
+
+
+@pytest.mark.parametrize("argv", [
+    ["/lib64/ld-linux-x86-64.so.2", "/usr/bin/rm", "-rf", "/home/dev"],
+    ["/lib64/ld-linux-x86-64.so.2", "--library-path", "/tmp", "/usr/bin/rm", "--recu", "/opt/x"],
+    ["ld.so", "--argv0", "x", "--", "/usr/bin/rm", "-r", "/opt/x"],
+])  # fmt: skip
+def test_a_program_run_by_the_dynamic_loader_is_judged_with_its_own_argv(argv: list[str]) -> None:
+    """`ld.so /usr/bin/rm -rf DIR` execs the loader; rm's rule must still see rm's argv."""
+    assert judge(exec_(argv)) == ("KILL", "recursive-rm")
+    # The loader running a harmless program with harmless args stays harmless.
+    assert judge(exec_([argv[0], "/usr/bin/ls", "-la", "/home/dev"])) == ("SAFE", "")
