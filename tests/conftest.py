@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from ebpf_guard import cgroups
-from tests.helpers import scaled
+from tests.helpers import scaled, throwaway_user
 
 # Hypothesis's per-example deadline (200 ms) and its too_slow health check time this host, not
 # the code: a cold first call on a busy or emulated host misses them even when scaled (seen: 1.07 s
@@ -78,15 +78,8 @@ def outside() -> Iterator[Path]:
 @pytest.fixture
 def agent_user() -> Iterator[tuple[str, Path]]:
     """A throwaway user with its own home, so {home} rules are tested without touching root's."""
-    name = f"ebpfg{uuid.uuid4().hex[:6]}"
-    home = Path("/home") / name
-    subprocess.run(["useradd", "--create-home", "--home-dir", str(home), "--shell", "/bin/sh", name],
-                   check=True, capture_output=True)
-    try:
-        yield name, home
-    finally:
-        subprocess.run(["userdel", "--remove", name], capture_output=True)
-        shutil.rmtree(home, ignore_errors=True)
+    with throwaway_user() as user:
+        yield user
 
 
 @pytest.fixture

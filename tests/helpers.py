@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import orjson
@@ -145,3 +149,17 @@ def policy_extending(directory: Path, body: str) -> Path:
     path = directory / "policy.yaml"
     path.write_text(f"version: 1\nextends: {REPO / 'policies' / 'default.yaml'}\n{body}")
     return path
+
+
+@contextmanager
+def throwaway_user() -> Iterator[tuple[str, Path]]:
+    """A new user with its own home under /home, removed afterwards: (name, home)."""
+    name = f"ebpfg{uuid.uuid4().hex[:6]}"
+    home = Path("/home") / name
+    subprocess.run(["useradd", "--create-home", "--home-dir", str(home), "--shell", "/bin/sh", name],
+                   check=True, capture_output=True)
+    try:
+        yield name, home
+    finally:
+        subprocess.run(["userdel", "--remove", name], capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)

@@ -39,7 +39,7 @@ import pytest
 
 from ebpf_guard import cgroups
 from tests.conftest import requires_bpf
-from tests.helpers import GuardRun, children_of, guard, policy_extending, records, scaled
+from tests.helpers import GuardRun, children_of, guard, policy_extending, records, scaled, throwaway_user
 
 pytestmark = requires_bpf
 PY = sys.executable
@@ -146,19 +146,6 @@ def scratch_dirs(*names: str) -> Iterator[list[Path]]:
         yield dirs
     finally:
         shutil.rmtree(top, ignore_errors=True)
-
-
-@contextmanager
-def throwaway_user() -> Iterator[tuple[str, Path]]:
-    name = f"ebpfg{uuid.uuid4().hex[:6]}"
-    home = Path("/home") / name
-    subprocess.run(["useradd", "--create-home", "--home-dir", str(home), "--shell", "/bin/sh", name],
-                   check=True, capture_output=True)
-    try:
-        yield name, home
-    finally:
-        subprocess.run(["userdel", "--remove", name], capture_output=True)
-        shutil.rmtree(home, ignore_errors=True)
 
 
 @dataclass
