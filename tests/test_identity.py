@@ -437,13 +437,20 @@ def test_curl_started_by_the_loader_is_stopped_before_it_runs(tmp_cgroup, tmp_pa
     time.sleep(0.2)  # the listener polls every 50 ms
     assert listener.accepted == 0 and listener.data == b""
     bad = non_safe(log)
-    assert [(r["verdict"], r["rule"]) for r in bad] == [("HALT", "exfil-tool")], bad
-    ev = bad[0]["event"]
-    assert ev["kind"] == "mmap_exec", ev
-    assert ev.get("real_path") == os.path.realpath(CURL), ev
-    st = os.stat(CURL)
-    assert ev.get("dev_ino") == f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}:{st.st_ino}", ev
-    assert "held_in_kernel" in ev.get("notes", []), ev
+    # Two readings reach the same verdict, and either may come first: the loader's exec, read
+    # as curl with curl's argv, and the mapping of curl's code, which the kernel holds by inode.
+    # Once the first freezes the agent, the second may never happen.
+    assert bad and {(r["verdict"], r["rule"]) for r in bad} == {("HALT", "exfil-tool")}, bad
+    by_kind = {r["event"]["kind"]: r for r in bad}
+    assert set(by_kind) <= {"exec", "mmap_exec"}, bad
+    if "exec" in by_kind:
+        assert "dynamic loader" in by_kind["exec"]["reason"], by_kind["exec"]
+    if "mmap_exec" in by_kind:
+        ev = by_kind["mmap_exec"]["event"]
+        assert ev.get("real_path") == os.path.realpath(CURL), ev
+        st = os.stat(CURL)
+        assert ev.get("dev_ino") == f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}:{st.st_ino}", ev
+        assert "held_in_kernel" in ev.get("notes", []), ev
 
 
 # ----------------------------------------------------------------------------- batch: as root
