@@ -617,7 +617,9 @@ class Engine:
             "rule": rule.name, "kind": ev.kind.value, "verdict": verdict.value,
             "path": c.path or ev.path or ev.raw_path, "raw_path": ev.raw_path, "comm": ev.comm,
             "pid": ev.tgid, "tgid": ev.tgid, "ppid": ev.ppid, "uid": ev.uid,
-            "argv": " ".join(ev.argv), "addr": ev.addr, "port": ev.port,
+            # A mapped program has no argv of its own: name the file (`ld.so curl` maps curl).
+            "argv": " ".join(ev.argv) or (c.path or ev.real_path if ev.kind is Kind.MMAP_EXEC else ""),
+            "addr": ev.addr, "port": ev.port,
             "host": ",".join(sorted(c.hosts)), "dest": value, "value": value,
             "count": rate.count if rate else "", "window": f"{rate.window_s:g}s" if rate else "",
             "home": self._homes.get(ev.uid) or "", "workspace": self.workspace,
