@@ -12,13 +12,12 @@ know, without touching the filesystem itself:
     real path "outside the workspace").
 
 Everything is bounded (stats, homes, hash sizes) and nothing here raises: what cannot be read
-is skipped and said in `Identities.notes`. The sha256 of a binary is cached in-process by
-(dev, ino, size, mtime_ns), so reloading a policy does not hash again.
+is skipped and said in `Identities.notes`. Binaries are hashed by `files.sha256_of` (the one
+hash, cached in-process, also used for each exec by the sensor).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pwd
 import stat
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ebpf_guard.events import Kind
-from ebpf_guard.files import read_regular
+from ebpf_guard.files import sha256_of
 from ebpf_guard.matchers import (
     GlobError,
     compile_glob,
@@ -55,7 +54,6 @@ PROGRAM_KINDS = frozenset({Kind.EXEC, Kind.MMAP_EXEC})
 MAX_ENTRIES = 4096  # directory entries looked at while expanding protected globs, per compile
 MAX_HOMES = 64
 MAX_TOOL_MATCHES = 64  # binaries a tool-name glob may stand for
-MAX_HASH_BYTES = 512 << 20
 # One file reached by many names in PATH is a multi-call binary (busybox: `ls`, `wget`, ... are
 # all one inode, told apart by argv[0]): its identity says nothing about which tool runs.
 MULTI_CALL = frozenset({"busybox", "toybox", "coreutils"})
@@ -63,7 +61,6 @@ MULTI_CALL_NAMES = 16
 NO_WALK = ("/proc", "/sys", "/dev")  # never expanded: pseudo-files, endless trees
 
 _SKIPPED = (OSError, ValueError, RecursionError, GlobError)  # GlobError, re.error: ValueErrors
-_hash_cache: dict[tuple[int, int, int, int], str] = {}
 _names_cache: dict[tuple[tuple[str, int], ...], Counter[Inode]] = {}
 
 
@@ -404,23 +401,4 @@ def _binaries(tool: str, dirs: list[str], counts: Counter[Inode], notes: list[st
         if base in MULTI_CALL or counts[(st.st_dev, st.st_ino)] > MULTI_CALL_NAMES:
             notes.append(f"{tool}: {real} is a multi-call binary; matched by name only")
             continue
-        yield Binary(tool, real, st.st_dev, st.st_ino, _sha256(real, st))
-
-
-def _sha256(path: str, st: os.stat_result) -> str:
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    cached = _hash_cache.get(key)
-    if cached is not None:
-        return cached
-    if st.st_size > MAX_HASH_BYTES:
-        return ""
-    h = hashlib.sha256()
-    try:
-        with read_regular(path) as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    except OSError:
-        return ""
-    digest = h.hexdigest()
-    _hash_cache[key] = digest
-    return digest
+        yield Binary(tool, real, st.st_dev, st.st_ino, sha256_of(real))

@@ -143,3 +143,20 @@ def test_string_lengths_out_of_range_are_refused(field: str, value: int) -> None
         d = decoder()
         d._model.procs.clear()  # the general path, not the open fast path
         d.decode(bytes(ev)[: len(rec)])
+
+
+def test_a_rewritten_program_is_hashed_again_even_with_its_mtime_put_back(tmp_path) -> None:
+    """The hash cache must not be fooled: same inode, size and mtime, other bytes (ctime moved)."""
+    import hashlib
+
+    from ebpf_guard.files import sha256_of
+
+    tool = tmp_path / "tool"
+    tool.write_bytes(b"A" * 64)
+    first = sha256_of(tool)
+    st = tool.stat()
+    with open(tool, "r+b") as f:  # same inode, same size
+        f.write(b"B" * 64)
+    os.utime(tool, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert tool.stat().st_mtime_ns == st.st_mtime_ns
+    assert sha256_of(tool) == hashlib.sha256(b"B" * 64).hexdigest() != first

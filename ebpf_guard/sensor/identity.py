@@ -7,76 +7,47 @@ when it was deleted, renamed or is a memfd (`fexecve`). Operands are resolved ag
 process's cwd (from the kernel's walk, see procfs.ProcModel) with os.path.realpath, so
 `rm -r /tmp/x` where /tmp/x is a symlink to $HOME is judged as $HOME.
 
-Limits, by design: binaries over MAX_HASH_BYTES are not hashed (a copy of such a program is
-known only by its name, path or inode); operands are resolved at the moment the event is
+Limits, by design: binaries over files.MAX_HASH_BYTES (16 MiB) are not hashed (a copy of such
+a program is known only by its name, path or inode); operands are resolved at the moment the event is
 decoded: a process that swaps a symlink after its exec and before the unlink is judged on
 the earlier target (its unlinks are judged one by one anyway).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-from dataclasses import dataclass, field
 
 from ebpf_guard.events import Event
+from ebpf_guard.files import sha256_of
 from ebpf_guard.pathnames import normalize
 
-MAX_HASH_BYTES = 16 * 1024 * 1024  # curl, wget, nc, ssh... are far smaller
 _MAX_ARG = 4096
 
 
-def sha256_of(path: str, limit: int = MAX_HASH_BYTES) -> tuple[tuple[int, int, int, int], str] | None:
-    """((dev, ino, size, mtime_ns), hex sha256) of a regular file no bigger than limit."""
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            if st.st_size > limit or not (st.st_mode & 0o170000 == 0o100000):
-                return None
-            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            return key, hashlib.file_digest(f, "sha256").hexdigest()
-    except OSError:
-        return None
-
-
-@dataclass
 class ExecIdentifier:
-    """Owns the per-binary hash cache ((dev, ino, size, mtime) -> sha256) and fills
-    `exe_sha256` and `real_args` of successful exec events."""
-
-    cache: dict[tuple[int, int, int, int], str] = field(default_factory=dict)
+    """Fills `exe_sha256` (through `files.sha256_of`, the one cached hash) and `real_args` of
+    successful exec events."""
 
     def __call__(self, ev: Event) -> None:
         ev.exe_sha256 = self._hash(ev)
         ev.real_args = self._real_args(ev.argv, ev.cwd)
 
-    def _hash(self, ev: Event) -> str:
+    @staticmethod
+    def _hash(ev: Event) -> str:
         exe = f"/proc/{ev.tgid}/exe"
-        try:
-            st = os.stat(exe)
-        except OSError:
+        if not os.path.exists(exe):
             # Already gone (a 1 ms program): the file the kernel named, if it is still the
             # same inode. A deleted or memfd binary of a finished process stays unknown.
             if not ev.real_path.startswith("/") or not ev.ino:
                 return ""
-            exe = ev.real_path
             try:
-                st = os.stat(exe)
+                st = os.stat(ev.real_path)
             except OSError:
                 return ""
             if (st.st_dev, st.st_ino) != (ev.dev, ev.ino):
                 return ""
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        known = self.cache.get(key)
-        if known is not None:
-            return known
-        got = sha256_of(exe)
-        if got is None:
-            return ""
-        if len(self.cache) > 4096:
-            self.cache.clear()
-        self.cache[got[0]] = got[1]
-        return got[1]
+            exe = ev.real_path
+        return sha256_of(exe)
 
     @staticmethod
     def _real_args(argv: tuple[str, ...], cwd: str) -> tuple[str, ...]:
