@@ -1,14 +1,17 @@
-"""The two perf buffers (urgent, bulk): draining them into a time-ordered batch of events."""
+"""The two perf buffers (urgent, bulk): draining them into a time-ordered batch of events.
+The rings are read directly (perfring) where the architecture allows, else by bcc's reader."""
 
 from __future__ import annotations
 
 import ctypes
+import select
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from ebpf_guard.events import Event
 
+from . import perfring
 from .decode import _HDR, _HDR_SIZE, DecodeError, Decoder
 from .loader import SensorError
 
@@ -49,45 +52,81 @@ class Transport:
         self._urgent_page_cnt = urgent_page_cnt
         self.raw: list[bytes] = []
         self.pending: list[tuple[tuple, bytes]] = []
-        self._lost_reported = [0, 0]  # by the perf buffers' lost callbacks: urgent, bulk
+        self._lost_reported = [0, 0]  # by the perf buffers themselves: urgent, bulk
+        self._urgent: perfring.PerfBuffer | None = None
+        self._bulk: perfring.PerfBuffer | None = None
+        self._epoll: select.epoll | None = None
 
     def open(self, b: Any) -> None:
         """Open both buffers of the loaded object `b`, or raise SensorError."""
-        # The urgent buffer is opened first: perf_buffer_consume() drains readers in this
-        # order (see poll).
         try:
-            b[b"urgent"].open_perf_buffer(
-                self._on_event, page_cnt=self._urgent_page_cnt, lost_cb=self._on_lost_urgent
-            )
-            b[b"bulk"].open_perf_buffer(
-                self._on_event,
-                page_cnt=self._page_cnt,
-                lost_cb=self._on_lost_bulk,
-                wakeup_events=self._wakeup_events,
-            )
+            if perfring.supported():
+                self._open_rings(b)
+            else:
+                self._open_callbacks(b)
         except Exception as e:
+            self.close()
             raise SensorError(f"cannot open the perf buffers: {e}") from e
+
+    def _open_rings(self, b: Any) -> None:
+        cpus = perfring.online_cpus()
+        self._urgent = perfring.PerfBuffer(b[b"urgent"], cpus, self._urgent_page_cnt, 1)
+        self._bulk = perfring.PerfBuffer(b[b"bulk"], cpus, self._page_cnt, self._wakeup_events)
+        self._epoll = select.epoll()
+        self._urgent.register(self._epoll)
+        self._bulk.register(self._epoll)
+
+    def _open_callbacks(self, b: Any) -> None:
+        # bcc's reader (architectures perfring cannot serve). The urgent buffer is opened
+        # first: perf_buffer_consume() drains readers in this order (see poll).
+        b[b"urgent"].open_perf_buffer(
+            self._on_event, page_cnt=self._urgent_page_cnt, lost_cb=self._on_lost_urgent
+        )
+        b[b"bulk"].open_perf_buffer(
+            self._on_event, page_cnt=self._page_cnt, lost_cb=self._on_lost_bulk,
+            wakeup_events=self._wakeup_events,
+        )
+
+    def close(self) -> None:
+        """Unmap and close the rings (bcc's own readers go with the object)."""
+        for buf in (self._urgent, self._bulk):
+            if buf is not None:
+                buf.close()
+        self._urgent = self._bulk = None
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
 
     def _on_event(self, _cpu: int, data: int, size: int) -> None:
         self.raw.append(ctypes.string_at(data, size))
 
     def _on_lost_urgent(self, count: int) -> None:
         self._lost_reported[0] += count
-        self._stats.lost_urgent = max(self._stats.lost_urgent, self._lost_reported[0])
 
     def _on_lost_bulk(self, count: int) -> None:
         self._lost_reported[1] += count
-        self._stats.lost_bulk = max(self._stats.lost_bulk, self._lost_reported[1])
+
+    def _drain(self, b: Any) -> None:
+        """Read everything written so far: urgent, then bulk (see poll)."""
+        if self._urgent is not None and self._bulk is not None:
+            self._urgent.read(self.raw)
+            self._bulk.read(self.raw)
+            self._lost_reported = [self._urgent.lost, self._bulk.lost]
+        else:
+            b.perf_buffer_consume()
+        self.read_lost(b)
 
     def read_lost(self, b: Any) -> None:
         """The kernel's own count of samples perf_submit could not write (map `lost`): a loss
         is seen on this poll, not when the perf buffer reports it with the next sample on
-        that CPU. The larger of the two counts is the loss (they count the same samples)."""
+        that CPU. The larger of the kernel's count and the buffers' (PERF_RECORD_LOST) is
+        the loss: they count the same samples."""
         table = b[b"lost"]
         urgent = sum(table[ctypes.c_int(0)])
         bulk = sum(table[ctypes.c_int(1)])
-        self._stats.lost_urgent = max(self._stats.lost_urgent, urgent)
-        self._stats.lost_bulk = max(self._stats.lost_bulk, bulk)
+        self._stats.lost_urgent = max(self._stats.lost_urgent, urgent, self._lost_reported[0])
+        self._stats.lost_bulk = max(self._stats.lost_bulk, bulk, self._lost_reported[1])
+
     def poll(self, b: Any, timeout_ms: int = 2) -> list[Event]:
         """Events up to now, in timestamp order. Blocks up to timeout_ms for the first one.
 
@@ -103,15 +142,19 @@ class Transport:
         order, is not enough: a bulk event can have an urgent cause written after the
         urgent drain finished, and vice versa.
         """
-        b.perf_buffer_poll(0 if self.pending else timeout_ms)
+        wait = 0 if self.pending else timeout_ms
+        if self._epoll is not None:
+            if not self.raw:
+                self._epoll.poll(wait / 1000)
+        else:
+            b.perf_buffer_poll(wait)
         cut = time.monotonic_ns()
-        b.perf_buffer_consume()
-        self.read_lost(b)
+        self._drain(b)
         return self.take(cut)
 
     def drain(self, b: Any) -> list[Event]:
         """Every event still in the buffers, nothing held back (for close)."""
-        b.perf_buffer_consume()
+        self._drain(b)
         return self.take(None)
 
     def take(self, cut: int | None) -> list[Event]:
