@@ -56,9 +56,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ebpf_guard import cgroups  # noqa: E402
-from ebpf_guard.actuator import Actuator  # noqa: E402
 from ebpf_guard.auditlog import VerdictLog, verify_log  # noqa: E402
+from ebpf_guard.enforce import cgroups  # noqa: E402
+from ebpf_guard.enforce.actuator import Actuator  # noqa: E402
 from ebpf_guard.engine import Engine  # noqa: E402
 from ebpf_guard.events import NOTE_KILLED, Kind  # noqa: E402
 from ebpf_guard.guard import Guard  # noqa: E402

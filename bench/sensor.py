@@ -53,7 +53,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ebpf_guard import cgroups  # noqa: E402
+from ebpf_guard.enforce import cgroups  # noqa: E402
 from ebpf_guard.events import Kind  # noqa: E402
 from ebpf_guard.sensor import Sensor  # noqa: E402
 from ebpf_guard.sensor import kernel as sensor_kernel  # noqa: E402

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import click
 
-from ebpf_guard import cgroups, host
+from ebpf_guard import host
+from ebpf_guard.enforce import cgroups
 from ebpf_guard.files import open_regular
 from ebpf_guard.paths import DEFAULT_POLICY
 from ebpf_guard.runtime.watchdog import Watchdog
@@ -344,7 +345,7 @@ _FORCE_HELP = ("Act even on a cgroup ebpf-guard did not create or watch (never t
 
 def _act_on_cgroup(verb: str, act) -> None:
     """Run `act()` as root, mapping refusals to EXIT_REFUSED and other failures to EXIT_ERROR."""
-    from ebpf_guard.actuator import ActuatorError
+    from ebpf_guard.enforce.actuator import ActuatorError
 
     try:
         host.require_root(f"to {verb} a cgroup")
@@ -366,10 +367,10 @@ def resume(cgroup_spec, force) -> None:
     3 refused (the root, init.scope, a cgroup holding ebpf-guard, one it did not create or
     watch without --force, or approvals pending in it without --force).
     """
-    from ebpf_guard.actuator import resume as thaw
+    from ebpf_guard.enforce.actuator import resume as thaw
 
     def act() -> str:
-        from ebpf_guard.actuator import operator_freezer
+        from ebpf_guard.enforce.actuator import operator_freezer
 
         fz = operator_freezer(cgroup_spec, force=force)  # refusals first, pending approvals next
         if not force:
@@ -405,7 +406,7 @@ def kill_cmd(cgroup_spec, force) -> None:
     3 refused (the root, init.scope, a cgroup holding ebpf-guard, or one it did not create or
     watch without --force).
     """
-    from ebpf_guard.actuator import kill_all
+    from ebpf_guard.enforce.actuator import kill_all
 
     _act_on_cgroup("kill", lambda: kill_all(cgroup_spec, force=force))
 

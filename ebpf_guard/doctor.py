@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ebpf_guard import cgroups, host
+from ebpf_guard import host
+from ebpf_guard.enforce import cgroups
 from ebpf_guard.sensor import SOURCE, Sensor, SensorError
 
 MIN_KERNEL = (5, 8)  # bpf_get_current_ancestor_cgroup_id, cgroup.freeze, bpf_send_signal

@@ -17,10 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ebpf_guard import cgroups, incident
-from ebpf_guard.actuator import Actuator, ActuatorError, release_process
+from ebpf_guard import incident
 from ebpf_guard.approvals import ApprovalDesk, Resolution
 from ebpf_guard.auditlog import AuditLogError, VerdictLog, record_for
+from ebpf_guard.enforce import cgroups
+from ebpf_guard.enforce.actuator import Actuator, ActuatorError, release_process
 from ebpf_guard.engine import Engine
 from ebpf_guard.events import NOTE_HELD, Event
 from ebpf_guard.output import Printer

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from ebpf_guard import cgroups, host
+from ebpf_guard import host
+from ebpf_guard.enforce import cgroups
 from ebpf_guard.policy import Policy
 from ebpf_guard.runtime.watchdog import Watchdog, WatchdogError
 from ebpf_guard.verdicts import Mode, Verdict
@@ -101,9 +102,9 @@ class Session:
     def __init__(self, opts: SessionOptions, stack: ExitStack, *, cgroup: Path | None,
                  policy: Policy, pids: tuple[int, ...] = (), prompt_tty: bool = False,
                  watchdog: Watchdog | None = None) -> None:
-        from ebpf_guard.actuator import Actuator
         from ebpf_guard.approvals import ApprovalDesk, ApprovalError
         from ebpf_guard.auditlog import DEFAULT_LOG, AuditLogError, VerdictLog
+        from ebpf_guard.enforce.actuator import Actuator
         from ebpf_guard.engine import Engine
         from ebpf_guard.guard import Guard
         from ebpf_guard.hosts import HostResolver

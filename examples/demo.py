@@ -30,7 +30,7 @@ from pathlib import Path
 
 import orjson
 
-from ebpf_guard import cgroups
+from ebpf_guard.enforce import cgroups
 
 REPO = Path(__file__).resolve().parent.parent
 GUARD = [sys.executable, "-m", "ebpf_guard.cli"]

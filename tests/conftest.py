@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-from ebpf_guard import cgroups
+from ebpf_guard.enforce import cgroups
 from tests.helpers import scaled, throwaway_user
 
 # Hypothesis's per-example deadline (200 ms) and its too_slow health check time this host, not

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import orjson
 
-from ebpf_guard import cgroups
+from ebpf_guard.enforce import cgroups
 
 # One factor for every wait in the suite: 1 on real hardware; the VM harness (vagrant/qemu.sh)
 # sets it for emulated guests, where everything, the bcc compile above all, runs ~10x slower.

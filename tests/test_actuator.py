@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ebpf_guard import cgroups
-from ebpf_guard.actuator import Actuator, ActuatorError, kill_all, process_start_ns, resume
+from ebpf_guard.enforce import cgroups
+from ebpf_guard.enforce.actuator import Actuator, ActuatorError, kill_all, process_start_ns, resume
 from ebpf_guard.events import Event, Kind
 from ebpf_guard.verdicts import Decision, Mode, Scope, Verdict
 from tests.helpers import WRITER, grows, scaled

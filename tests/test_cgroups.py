@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ebpf_guard import cgroups
-from ebpf_guard.cgroups import CgroupError
+from ebpf_guard.enforce import cgroups
+from ebpf_guard.enforce.cgroups import CgroupError
 from tests.helpers import WRITER, eventually, grows, scaled
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")

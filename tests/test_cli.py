@@ -12,7 +12,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from ebpf_guard import cgroups
+from ebpf_guard.enforce import cgroups
 from tests.conftest import requires_bpf, requires_root
 from tests.helpers import GUARD, guard, records, scaled, wait_for
 

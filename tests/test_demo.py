@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from ebpf_guard import cgroups
+from ebpf_guard.enforce import cgroups
 from tests.conftest import requires_root
 from tests.helpers import REPO, cgroup_leftovers, scaled
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from ebpf_guard import cgroups
+from ebpf_guard.enforce import cgroups
 from tests.conftest import requires_bpf
 from tests.helpers import REPO, GuardRun, guard, policy_extending, records, scaled, wait_for
 

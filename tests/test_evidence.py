@@ -15,7 +15,8 @@ from pathlib import Path
 
 import orjson
 
-from ebpf_guard import approvals, cgroups
+from ebpf_guard import approvals
+from ebpf_guard.enforce import cgroups
 from tests.conftest import requires_bpf
 from tests.helpers import GUARD, REPO, GuardRun, eventually, guard, policy_extending, records, scaled, wait_for
 from tests.test_enforce import EXIT_KILLED, agent

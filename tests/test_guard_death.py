@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ebpf_guard import cgroups
+from ebpf_guard.enforce import cgroups
 from tests.conftest import requires_bpf
 from tests.helpers import (
     GUARD,
@@ -281,7 +281,7 @@ def test_watch_exit_status(tmp_cgroup, spawn, tmp_path, outcome):
 FAKE_GUARD = """
 import sys, time
 from pathlib import Path
-from ebpf_guard import cgroups
+from ebpf_guard.enforce import cgroups
 from ebpf_guard.runtime.watchdog import Watchdog
 
 cg, log, how = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]

@@ -13,7 +13,7 @@ import orjson
 import psutil
 import pytest
 
-from ebpf_guard import cgroups
+from ebpf_guard.enforce import cgroups
 from ebpf_guard.incident import snapshot_process, snapshot_tree, write_incident
 from tests.helpers import scaled
 

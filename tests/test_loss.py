@@ -13,7 +13,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from ebpf_guard import cgroups
+from ebpf_guard.enforce import cgroups
 from ebpf_guard.sensor import Sensor
 from tests.conftest import requires_bpf
 from tests.helpers import GuardRun, guard, policy_extending, records, scaled

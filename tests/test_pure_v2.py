@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from helpers import WRITER, grows, scaled, wait_for
 
-from ebpf_guard import cgroups
-from ebpf_guard.actuator import Actuator
+from ebpf_guard.enforce import cgroups
+from ebpf_guard.enforce.actuator import Actuator
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from helpers import GUARD, NOBODY, REPO, guard, scaled, wait_for
 
-from ebpf_guard import cgroups
+from ebpf_guard.enforce import cgroups
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 

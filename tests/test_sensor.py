@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from ebpf_guard import cgroups
+from ebpf_guard.enforce import cgroups
 from ebpf_guard.events import NOTE_HELD, NOTE_KILLED, Event, Kind
 from ebpf_guard.sensor import Sensor, SensorError, descendants
 from tests.conftest import requires_bpf

@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ebpf_guard import cgroups
 from ebpf_guard.auditlog import AuditLogError, VerdictLog
+from ebpf_guard.enforce import cgroups
 
 READY_TIMEOUT_S = 30.0  # interpreter start and imports (slow on emulated hosts); overlaps the attach
 STOP_TIMEOUT_S = 2.0

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ebpf_guard import cgroups as cg
+from ebpf_guard.enforce import cgroups as cg
 from ebpf_guard.events import EXEC_HOLD, EXEC_KILL, MAX_CGROUPS, NAME_LEN, PATH_LEN, Event
 
 from .btf import VMLINUX_BTF, BtfError, Layouts, kernel_layouts
@@ -101,6 +101,7 @@ class Sensor:
 
     def _cleanup(self) -> None:
         b, self._bpf = self._bpf, None
+        self._transport.close()
         if b is not None:
             b.cleanup()
 

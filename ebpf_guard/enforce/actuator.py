@@ -17,8 +17,8 @@ import signal
 import time
 from pathlib import Path
 
-from ebpf_guard import cgroups
-from ebpf_guard.cgroups import CgroupError, Freezer
+from ebpf_guard.enforce import cgroups
+from ebpf_guard.enforce.cgroups import CgroupError, Freezer
 from ebpf_guard.events import Event
 from ebpf_guard.sensor import procfs
 from ebpf_guard.verdicts import Decision, Mode, Scope, Verdict
