@@ -50,6 +50,7 @@
 #define EG_F_SENDTO 0x400    /* connect kind: a sendto() with a destination */
 #define EG_F_SENDMSG 0x800   /* connect kind: a sendmsg() with msg_name */
 #define EG_F_BY_INODE 0x1000 /* exec/mmap: KILLED or HELD because the file's inode is listed */
+#define EG_F_RATE_HELD 0x2000 /* unlink: the deletion rate crossed its threshold: SIGSTOP + held mark */
 
 /* Values of the exec_names / exec_paths maps: what the kernel does at exec entry. */
 #define EG_EXEC_KILL 1       /* SIGKILL: the exec is aborted, the program never runs */
@@ -123,9 +124,12 @@ struct scope_cfg {
     __u32 ncgroups;                 /* entries used in levels[]/ids[] */
     __u32 pid_mode;                 /* the tracked-pid set is in use */
     __u32 exec_rules;               /* the exec_names/exec_paths maps are non-empty */
-    __u32 _pad;
+    __u32 owner_tgid;               /* the guard: its SIGCONT to a held process releases it */
     __u32 levels[EG_MAX_CGROUPS];   /* depth of each watched cgroup (root = 0) */
     __u64 ids[EG_MAX_CGROUPS];      /* its cgroup v2 id */
+    __u32 rate_count;               /* deletions within rate_window_ns that hold the deleter; 0 = off */
+    __u32 _pad;
+    __u64 rate_window_ns;
 };
 
 struct proc_info {
@@ -146,6 +150,33 @@ struct exec_name_key {
 struct inode_key {
     __u64 dev;
     __u64 ino;
+};
+
+/* held: a process the kernel stopped (exec gate, listed inode, deletion rate), by tgid. While
+ * it is marked, a continue by anyone but the guard gets it killed (see sensor.c, "Holds"). */
+#define EG_HOLD_ARMING 1    /* SIGSTOP sent at the entry of a syscall that has not returned yet */
+#define EG_HOLD_PENDING 2   /* that syscall returned: its thread may not enter another one */
+#define EG_HOLD_CONTINUED 3 /* SIGCONT from someone else: killed, at the latest at the next syscall */
+#define EG_HOLD_RELEASED 4  /* the guard let it go: the next syscall entry drops the mark */
+
+#define EG_HOLD_BY_EXEC 1   /* exec gate (by name or inode), at sys_exit_execve */
+#define EG_HOLD_BY_MMAP 2   /* mmap(PROT_EXEC) of a listed inode */
+#define EG_HOLD_BY_RATE 3   /* deletion rate */
+
+struct held_mark {
+    __u64 since;  /* bpf_ktime_get_ns() of the hold */
+    __u32 state;  /* EG_HOLD_* */
+    __u32 tid;    /* the thread the stop was sent from */
+    __u32 reason; /* EG_HOLD_BY_* */
+    __u32 _pad;
+};
+
+/* The timestamps of the last EG_RATE_SLOTS deletions in watched scope (all scopes together):
+ * the rate rule fires when rate_count of them lie within rate_window_ns. Power of two. */
+#define EG_RATE_SLOTS 64
+struct rate_ring {
+    __u64 seq; /* deletions counted since the last reset; slot = seq % EG_RATE_SLOTS */
+    __u64 ts[EG_RATE_SLOTS];
 };
 
 /* lost[]: samples perf_submit could not write, per buffer (0 urgent, 1 bulk), counted in the

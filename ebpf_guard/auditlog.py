@@ -199,6 +199,7 @@ def record_for(
         "action": _val(action),
         "scope": _val(decision.scope),
         "enforced_in_kernel": decision.enforced_in_kernel,
+        "prevented": decision.prevented,
         "event": event_record(decision.event),
     }
     if incident is not None:

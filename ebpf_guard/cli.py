@@ -21,6 +21,7 @@ from ebpf_guard.session import (
     Session,
     SessionError,
     SessionOptions,
+    prepare_jail,
     reap,
     set_child_subreaper,
     spawn_when_watched,
@@ -208,6 +209,8 @@ def watch(cgroup_spec, pid, workspace, **kw) -> None:
             stack.push(lambda exc_type, *_: _unmark_unless_held(cgroup, exc_type, clean))
         session = _start_session(opts, stack, interrupts, cgroup=cgroup, pids=(pid,) if pid else (),
                                  watchdog=watchdog)
+        session.printer.message("jail: none: watch cannot jail processes it did not start "
+                                "(`ebpf-guard run` jails the command it starts)")
         while not interrupts.count:
             session.step()
             if cgroup is not None and not cgroups.is_populated(cgroup):
@@ -239,9 +242,12 @@ def _unmark_unless_held(cgroup: Path, exc_type: type | None, clean: tuple[type, 
               help="Create the agent's cgroup under this cgroup. [default: the cgroup v2 root]")
 @click.option("--workspace", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="The agent's workspace. [default: current directory]")
+@click.option("--no-jail", is_flag=True,
+              help="Do not put COMMAND in the Landlock jail (writes outside the workspace and the "
+                   "policy's harmless places are then only contained, not prevented).")
 @_session_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def run(cgroup_parent, workspace, command, **kw) -> None:
+def run(cgroup_parent, workspace, no_jail, command, **kw) -> None:
     """Run COMMAND in a fresh cgroup and watch it until it and all its descendants are gone.
 
     \b
@@ -268,7 +274,10 @@ def run(cgroup_parent, workspace, command, **kw) -> None:
         set_child_subreaper()
         session = _start_session(opts, stack, interrupts, cgroup=cgroup, prompt_tty=True, watchdog=watchdog)
         try:
-            child = spawn_when_watched(list(command), cgroup, session)
+            jail = prepare_jail(session, session.policy, enabled=not no_jail)
+            if jail is not None:
+                stack.callback(jail.close)
+            child = spawn_when_watched(list(command), cgroup, session, jail)
         except SessionError as e:
             raise UserError(str(e)) from None
         except OSError as e:
@@ -303,13 +312,26 @@ def run(cgroup_parent, workspace, command, **kw) -> None:
 
 # ----------------------------------------------------------------------------- other commands
 @main.command()
+@click.option("--explain", is_flag=True,
+              help="Also say, per rule, which mechanism enforces it on this host under `watch` and "
+                   "`run`, and whether it prevents the syscall or only contains the agent after it "
+                   "(probes the host: needs root).")
+@click.option("--markdown", is_flag=True, help="With --explain: a Markdown table.")
+@click.option("--workspace", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="With --explain: the workspace to plan for. [default: current directory]")
+@click.option("--mode", type=click.Choice([m.value for m in Mode]), default=None,
+              help="With --explain: override the policy's mode.")
 @click.argument("policies", nargs=-1, required=True, type=click.Path(path_type=Path))
-def check(policies) -> None:
+def check(policies, explain, markdown, workspace, mode) -> None:
     """Validate policy files; every error names file, line and key.
 
     Exit status: 0 every policy is valid; 2 any is invalid or cannot be read.
     """
     from ebpf_guard.policy import PolicyError, load_policy
+
+    host_layers = None
+    if explain:
+        host_layers = _probe_layers()
 
     bad = 0
     for path in policies:
@@ -330,7 +352,36 @@ def check(policies) -> None:
                            f"programs by inode and hash: {tools or 'none'}")
                 for note in ids.notes:
                     click.echo(f"  note: {note}")
+            if host_layers is not None:
+                _explain(policy, host_layers, workspace, mode, markdown)
     sys.exit(EXIT_USAGE if bad else EXIT_OK)
+
+
+def _probe_layers():
+    from ebpf_guard.enforce.explain import HostLayers
+
+    try:
+        host.require_root("to probe this host's prevention mechanisms (--explain)")
+        host.import_bcc()
+    except host.HostError as e:
+        raise UserError(str(e)) from None
+    return HostLayers.probe()
+
+
+def _explain(policy, layers, workspace: Path | None, mode: str | None, markdown: bool) -> None:
+    from ebpf_guard.enforce.explain import explain, render
+    from ebpf_guard.identities import local_homes
+
+    ws = str((workspace or Path.cwd()).resolve())
+    rows = explain(policy, layers, workspace=ws, homes=local_homes(), mode=Mode(mode) if mode else None)
+    have = (f"fanotify {'yes' if layers.fanotify else 'no'}, Landlock ABI {layers.landlock_abi or 'none'}, "
+            f"cgroup-BPF {'yes' if layers.cgroup_bpf else 'no'}, BPF-LSM {'yes' if layers.bpf_lsm else 'no'}, "
+            f"BTF {'yes' if layers.btf else 'no'}")
+    click.echo(f"  enforcement here ({have}):")
+    for line in render(rows, markdown=markdown):
+        click.echo(line)
+    for why in layers.why_not:
+        click.echo(f"  not here: {why}")
 
 
 class RefusedError(UserError):

@@ -318,6 +318,33 @@ def run_checks(echo: Callable[[str], None], source: Path = SOURCE) -> int:
             line += f"  (fix: {c.fix})"
         echo(line)
     failed = [c.name for c in checks if c.status == FAIL]
+    if not failed:
+        _explain_default_policy(echo, {c.name: c for c in checks})
     echo(f"{'FAIL' if failed else 'ok'}: " + (f"required checks failed: {', '.join(failed)}" if failed
                                               else "this host can run ebpf-guard"))
     return 1 if failed else 0
+
+
+def _explain_default_policy(echo: Callable[[str], None], checks: dict[str, Check]) -> None:
+    """Per rule of the bundled policy: what enforces it here and whether that prevents or
+    contains (`ebpf-guard check --explain POLICY` for another policy or workspace)."""
+    from ebpf_guard.enforce.explain import HostLayers, explain, render
+    from ebpf_guard.enforce.jail import landlock_support
+    from ebpf_guard.identities import local_homes
+    from ebpf_guard.paths import POLICY_DIR
+    from ebpf_guard.policy import PolicyError, load_policy
+
+    def ok(name: str) -> bool:
+        return name in checks and checks[name].status in (OK, AVAIL)
+
+    try:
+        policy = load_policy(POLICY_DIR / "default.yaml")
+    except PolicyError as e:
+        echo(f"{WARN:<5} policy     bundled default policy: {e}")
+        return
+    land = landlock_support()
+    layers = HostLayers(fanotify=ok("fanotify"), landlock_abi=land.abi, cgroup_bpf=ok("cgroup-bpf"),
+                        btf=ok("btf"), bpf_lsm=ok("bpf-lsm"))
+    echo(f"enforcement of {POLICY_DIR / 'default.yaml'} here (workspace: the current directory):")
+    for line in render(explain(policy, layers, workspace=os.getcwd(), homes=local_homes())):
+        echo(line)

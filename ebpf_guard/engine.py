@@ -20,10 +20,11 @@ tree, then the mode (confirm: HALT -> ASK).
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import re
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,7 @@ from ebpf_guard.matchers import (
     expand_all,
     expand_vars,
     is_literal,
+    literal_dir,
     parse_network,
     variables_in,
 )
@@ -236,6 +238,13 @@ class _Compiled:
         return sorted(i for i in set(cand) if self.crules[i].check(c))
 
 
+# A syscall that failed with one of these did not do what it asked (a gate, the jail, egress,
+# BPF-LSM or plain file permissions refused it).
+_REFUSED = frozenset({-errno.EPERM, -errno.EACCES})
+_REFUSABLE_KINDS = frozenset({Kind.OPEN, Kind.EXEC, Kind.UNLINK, Kind.RENAME, Kind.LINK, Kind.SYMLINK,
+                              Kind.TRUNCATE, Kind.MMAP_EXEC, Kind.CONNECT, Kind.PTRACE, Kind.IO_URING})
+
+
 class Engine:
     """Judges events against one policy: rule indexes per home directory, process trees,
     rate and FLAG counters, the operator's remembered answers. No I/O: host facts come in
@@ -280,9 +289,10 @@ class Engine:
         if kind in _TREE_KINDS:
             self._track(event)
             return Decision(Verdict.SAFE, "", "", event)
-        if kind in _PROGRAM_KINDS and event.ret is not None and event.ret < 0:
+        if kind in _PROGRAM_KINDS and event.ret is not None and event.ret < 0 and event.ret not in _REFUSED:
             # A failed attempt ran nothing: execvp() probes every PATH entry for `curl`, and
-            # only the one that succeeds is judged (an in-kernel kill has no result: judged).
+            # only the one that succeeds is judged (an in-kernel kill has no result: judged;
+            # one a gate refused, EPERM/EACCES, is the attempt itself: judged).
             what = "exec" if kind is Kind.EXEC else "mmap"
             return Decision(Verdict.SAFE, "", f"{what} failed (errno {-event.ret})", event)
         tree = self._tree(event)
@@ -291,8 +301,9 @@ class Engine:
         matched = [comp.matching(v) for v in views]
         # Rate rules count what happened, once per event however many views match: a failed
         # syscall (unlink of a missing file, which git and editors do constantly) is no
-        # deletion. Single-event rules judge attempts.
-        failed = event.ret is not None and event.ret < 0
+        # deletion. A refused one (EPERM/EACCES: the jail, a gate, BPF-LSM) counts: it is the
+        # attempt the rule is about, stopped by a layer. Single-event rules judge attempts.
+        failed = event.ret is not None and event.ret < 0 and event.ret not in _REFUSED
         fired: set[int] = set()
         counted: set[int] = set()
         for v, found in zip(views, matched, strict=True):
@@ -332,7 +343,7 @@ class Engine:
     def hostnames(self) -> list[str]:
         return sorted({h for r in self._rules for h in r.match.hosts})
 
-    def _kernel_kill_rules(self) -> list[Rule]:
+    def kernel_kill_rules(self) -> list[Rule]:
         """Exec rules the kernel may apply alone (SIGKILL at exec): KILL in enforce mode, no
         argv/rate/path_not condition, not allowed by a remembered answer."""
         if self._mode is not Mode.ENFORCE:
@@ -351,7 +362,7 @@ class Engine:
             out.append(r)
         return out
 
-    def _kernel_gate_rules(self) -> list[Rule]:
+    def kernel_gate_rules(self) -> list[Rule]:
         """Exec rules that can HALT, ASK or KILL (without a rate): held in the kernel until
         decided, unless the kernel can kill alone."""
         if self._mode is Mode.AUDIT:
@@ -378,7 +389,7 @@ class Engine:
         """
         names: set[str] = set()
         paths: set[str] = set()
-        for r in self._kernel_kill_rules():
+        for r in self.kernel_kill_rules():
             for p in r.match.names or r.match.paths:
                 value = self._literal(p)
                 if value is None:
@@ -399,7 +410,7 @@ class Engine:
         """
         killed, _ = self.kernel_exec_kills()
         names: set[str] = set()
-        for r in self._kernel_gate_rules():
+        for r in self.kernel_gate_rules():
             for p in r.match.names or r.match.paths:
                 value = self._literal(p)
                 if value:
@@ -427,9 +438,39 @@ class Engine:
                         out |= tools.get(normalize(value), frozenset())
             return out
 
-        kill = inodes(self._kernel_kill_rules())
-        hold = inodes(self._kernel_gate_rules()) - kill
+        kill = inodes(self.kernel_kill_rules())
+        hold = inodes(self.kernel_gate_rules()) - kill
         return frozenset(kill), frozenset(hold)
+
+    def kernel_unlink_rate(self, homes: Iterable[str]) -> tuple[int, int, tuple[str, ...]]:
+        """(count, window_ns, scratch directories) for the kernel's first response to mass
+        deletes: the most sensitive unlink rule with a rate that can stop the agent (HALT,
+        ASK, KILL) and only `path_not` conditions; (0, 0, ()) if there is none or in audit
+        mode. The kernel counts every deletion except those beneath the scratch directories:
+        the literal directories of the rule's `path_not` patterns that end in `/**` (with
+        `{home}` for each of `homes`). Other exclusions (`*.swp`, `**/__pycache__/**`) are
+        counted in the kernel, so it stops a deleter no later than this engine would; the
+        guard lets it go again when the engine disagrees."""
+        if self._mode is Mode.AUDIT:
+            return 0, 0, ()
+        rules = [
+            r for r in self._rules
+            if r.kind is Kind.UNLINK and r.rate is not None and r.verdict.severity >= Verdict.ASK.severity
+            and not r.match.has_target() and r.match.dir is None
+        ]  # fmt: skip
+        if not rules:
+            return 0, 0, ()
+        rule = min(rules, key=lambda r: (r.rate.count, -r.rate.window_s))  # type: ignore[union-attr]
+        variants = {"home": tuple(homes), "workspace": (self.workspace,) if self.workspace else ()}
+        dirs: list[str] = []
+        for pattern in rule.match.paths_not:
+            for glob in expand_all(pattern, variants):
+                if glob.endswith("/**") and glob.startswith("/") and literal_dir(glob) == glob[:-3]:
+                    d = normalize(glob[:-3])
+                    if d != "/" and d not in dirs:
+                        dirs.append(d)
+        assert rule.rate is not None
+        return rule.rate.count, rule.rate.window_ns, tuple(dirs)
 
     def remember(self, decision: Decision, allow: bool) -> None:
         """The operator's answer to an ASK, for the rest of the run: the same rule with the
@@ -586,6 +627,7 @@ class Engine:
             d.enforced_in_kernel = True
             if verdict is not Verdict.KILL:  # stale kernel set: say so rather than hide it
                 d.reason += " [already killed in kernel]"
+        d.prevented = d.enforced_in_kernel or (ev.kind in _REFUSABLE_KINDS and ev.ret in _REFUSED)
         return d
 
     def _escalate(self, tree: TreeKey, ts: int) -> bool:

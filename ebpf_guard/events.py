@@ -136,6 +136,7 @@ UNIX_PATH_LEN = 108
 MAX_CGROUPS = 8
 REAL_LEN = 512
 STRS_LEN = 2048
+RATE_SLOTS = 64  # EG_RATE_SLOTS: the kernel's deletion-rate ring; the highest count it can judge
 
 # ev_hdr.kind codes, in Kind order.
 KIND_CODES: dict[int, Kind] = {i + 1: k for i, k in enumerate(Kind)}
@@ -154,6 +155,7 @@ F_REAL2_CUT = 0x200
 F_SENDTO = 0x400
 F_SENDMSG = 0x800
 F_BY_INODE = 0x1000
+F_RATE_HELD = 0x2000
 
 # exec_names / exec_paths map values (EG_EXEC_*)
 EXEC_KILL = 1
@@ -162,6 +164,7 @@ EXEC_HOLD = 2
 # Event.notes values the sensor adds.
 NOTE_KILLED = "killed_in_kernel"  # exec: SIGKILL sent at syscall entry; the program never ran
 NOTE_HELD = "held_in_kernel"  # exec: SIGSTOP sent at syscall entry; stopped until decided
+NOTE_RATE_HELD = "rate_held_in_kernel"  # unlink: the kernel's rate rule stopped the deleter (held)
 NOTE_UNRESOLVED = "path_unresolved"  # relative path whose base (cwd/dirfd) was unknown
 NOTE_PATH_TRUNCATED = "path_truncated"  # the kernel path buffer filled up (PATH_LEN)
 NOTE_PROC_UNKNOWN = "proc_unknown"  # ppid/start_ns not known (process gone before /proc read)

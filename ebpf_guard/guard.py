@@ -22,8 +22,9 @@ from ebpf_guard.approvals import ApprovalDesk, Resolution
 from ebpf_guard.auditlog import AuditLogError, VerdictLog, record_for
 from ebpf_guard.enforce import cgroups
 from ebpf_guard.enforce.actuator import Actuator, ActuatorError, release_process
+from ebpf_guard.enforce.prevention import Prevention
 from ebpf_guard.engine import Engine
-from ebpf_guard.events import NOTE_HELD, Event
+from ebpf_guard.events import NOTE_HELD, NOTE_RATE_HELD, Event
 from ebpf_guard.output import Printer
 from ebpf_guard.recording import Recorder
 from ebpf_guard.verdicts import Decision, Mode, Verdict
@@ -57,6 +58,7 @@ class Guard:
         log_all: bool = False,
         incidents_dir: Path | None = None,
         desk: ApprovalDesk | None = None,
+        prevention: Prevention | None = None,
     ) -> None:
         self.engine = engine
         self.actuator = actuator
@@ -68,6 +70,7 @@ class Guard:
         self.log_all = log_all
         self.incidents_dir = incidents_dir
         self.desk = desk
+        self.prevention = prevention
         self.recent: deque[Event] = deque(maxlen=RECENT_EVENTS)
         self.summary = Summary()
         self._held_by_halt = False  # a HALT froze the agent: answering an ASK must not thaw it
@@ -82,13 +85,20 @@ class Guard:
         return self.engine.mode
 
     def handle(self, event: Event) -> Decision:
+        # Held by the kernel: a gated exec, or the deletion that reached the rate rule's count.
+        rate_held = NOTE_RATE_HELD in event.notes
+        held = rate_held or NOTE_HELD in event.notes
+        if held and self.prevention is not None:
+            self.prevention.holding(event.tgid)
         decision = self._decide_and_respond(event)
-        if NOTE_HELD in event.notes and not (
-            decision.verdict is Verdict.KILL and self.mode is not Mode.AUDIT
-        ):
-            # Decided (and, for HALT/ASK, frozen): let the held exec go on. Not reached if
+        if held and not (decision.verdict is Verdict.KILL and self.mode is not Mode.AUDIT):
+            # Decided (and, for HALT/ASK, frozen): let the held program go on. Not reached if
             # deciding raised, so a guard that fails leaves the program stopped.
             try:
+                if self.prevention is not None:
+                    self.prevention.releasing(event.tgid)
+                    if rate_held and decision.verdict not in (Verdict.HALT, Verdict.ASK):
+                        self.prevention.thawed()  # the engine let these deletions go: count anew
                 release_process(event, self.cgroup)
             except ActuatorError as e:
                 self.printer.message(f"could not release held pid {event.tgid}: {e}")
@@ -99,6 +109,8 @@ class Guard:
             self.recorder.write(event, self.home_of(event.uid))
         self.recent.append(event)
         decision = self.engine.evaluate(event)
+        if not decision.prevented and self.prevention is not None:
+            decision.prevented = self.prevention.refused_in_kernel(event)
         self.summary.events += 1
         self.summary.counts[decision.verdict] += 1
         self.printer.decision(decision)
@@ -134,8 +146,10 @@ class Guard:
             if self.actuator.freezer.is_frozen():  # read from the kernel: an external resume counts
                 if decision.verdict is Verdict.HALT or self._asked(decision):
                     return "none (already frozen)"
-            else:
+            elif self._held_by_halt:
                 self._held_by_halt = False  # an operator resumed since: that hold is over
+                if self.prevention is not None:
+                    self.prevention.thawed()
         if decision.verdict is Verdict.KILL and decision.event.proc_key in self._killed:
             return "none (already killed)"
         return None
@@ -198,6 +212,8 @@ class Guard:
             self.engine.remember(decision, r.allow)
         if r.allow:
             done = "allowed"
+            if self.prevention is not None:
+                self.prevention.approved(decision)
         elif (decision.on_deny or Verdict.KILL) is Verdict.KILL:
             deny = dataclasses.replace(decision, verdict=Verdict.KILL)
             try:
@@ -212,6 +228,8 @@ class Guard:
         if not self._held_by_halt and not self.desk.pending():
             try:
                 done += "; " + self.actuator.resume_now()
+                if self.prevention is not None:
+                    self.prevention.thawed()
             except ActuatorError as e:
                 done += f"; FAILED to thaw: {e}"
         line = f"[{r.pending.id}] {'allowed' if r.allow else 'denied'} via {r.via}: {done}"

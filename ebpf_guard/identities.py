@@ -233,6 +233,9 @@ def _passwd_homes() -> list[str]:
     return out
 
 
+local_homes = _passwd_homes  # public name: the homes a policy's {home} protects on this host
+
+
 def _expand(glob: str, budget: _Budget) -> Iterator[tuple[str, os.stat_result]]:
     """Existing regular files an absolute glob names, walking as little as it can: from the
     glob's literal directory, not following symlinked directories, never into /proc, /sys,

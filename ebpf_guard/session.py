@@ -16,15 +16,21 @@ import sys
 import threading
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ebpf_guard import host
 from ebpf_guard.enforce import cgroups
+from ebpf_guard.enforce.prevention import Prevention, gate_record
+from ebpf_guard.identities import local_homes
 from ebpf_guard.policy import Policy
 from ebpf_guard.runtime.watchdog import Watchdog, WatchdogError
 from ebpf_guard.verdicts import Mode, Verdict
+
+if TYPE_CHECKING:
+    from ebpf_guard.enforce.jail import PreparedJail
 
 INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -116,6 +122,8 @@ class Session:
 
         # Protected inodes and listed programs for this session's workspace (load_policy
         # computed them for the policy's own): hard links and copies are judged by identity.
+        self.workspace = opts.workspace
+        self.policy = policy
         self.engine = Engine(policy, workspace=opts.workspace, home_of=home_of,
                              mode=Mode(opts.mode) if opts.mode else None,
                              identities=compile_identities(policy, workspace=opts.workspace))
@@ -207,15 +215,23 @@ class Session:
                                                     hold_inodes=hold_inodes):
                 notes.append(f"exec rule {entry!r} cannot be matched in the kernel; "
                              "it is decided after the exec starts")
+            notes.extend(self._set_rate_rules())
         except (SensorError, host.HostError) as e:
             raise SessionError(str(e)) from None
         self.attach_s = time.monotonic() - t0
         self.resolver = HostResolver(self.engine.hostnames())
+        self._hosts: dict[str, list[str]] = {}
         if self.resolver.names:
             # Resolve once before the agent starts so connect rules hold from the first event.
             self._apply_hosts(self.resolver.resolve_once())
             self.resolver.start()
             stack.callback(self.resolver.stop)
+        # After the sensor (a refused syscall must still be seen and judged) and the first host
+        # answers (egress allows by name from the start).
+        self.prevention = Prevention.start(policy, mode=self.engine.mode, cgroup=cgroup,
+                                           workspace=opts.workspace, hosts=self._hosts, sensor=self.sensor)
+        stack.callback(self.prevention.close)
+        notes.extend(self.prevention.lines)
         try:
             # The channel for ASK answers from `ebpf-guard approve|deny` (root-only unix socket);
             # `run` on a terminal also takes y/n/a/b keys inline.
@@ -224,7 +240,8 @@ class Session:
         except ApprovalError as e:
             raise SessionError(f"cannot open the approvals socket: {e}") from None
         stack.callback(desk.close)
-        self.guard = Guard(desk=desk, engine=self.engine, actuator=self.actuator, log=self.log, printer=self.printer,
+        self.guard = Guard(desk=desk, prevention=self.prevention, engine=self.engine, actuator=self.actuator,
+                           log=self.log, printer=self.printer,
                            cgroup=cgroup, home_of=home_of, recorder=recorder, log_all=opts.log_all,
                            incidents_dir=incidents_dir)
         try:
@@ -242,6 +259,7 @@ class Session:
                          "on_guard_exit": self.on_guard_exit,
                          "identity": "kernel" if self.sensor.layouts else "strings",
                          "on_loss": self.on_loss,
+                         "prevention": self.prevention.record,
                          "attach_ms": round(self.attach_s * 1000, 1)})
         # Last: "attached" means the loop can start now.
         self.printer.message(
@@ -249,8 +267,29 @@ class Session:
             f"({self.engine.mode.value} mode); verdict log {log_path}"
         )
 
+    def _set_rate_rules(self) -> list[str]:
+        """The kernel's first response to mass deletes (the engine's unlink rate rule): the
+        deleter is held at the threshold, before its next deletion, until the guard decides."""
+        count, window_ns, dirs = self.engine.kernel_unlink_rate(local_homes())
+        scratch = []
+        for d in dirs:
+            try:
+                st = os.stat(d)
+            except OSError:
+                continue  # not there: nothing beneath it to exempt
+            scratch.append((st.st_dev, st.st_ino))
+        notes = self.sensor.set_rate_rules(count, window_ns, scratch)
+        if count:
+            notes.insert(0, f"deletions: the kernel holds a deleter at {count} within {window_ns / 1e9:g}s "
+                            f"({len(scratch)} scratch directories exempt)")
+        return notes
+
     def _apply_hosts(self, mapping: dict[str, list[str]]) -> None:
+        self._hosts = mapping
         self.engine.set_host_addresses(mapping)
+        prevention = getattr(self, "prevention", None)  # None while the first answers are applied
+        if prevention is not None:
+            prevention.hosts_changed(mapping)
         if self.recorder is not None:
             self.recorder.write_hosts(mapping)
 
@@ -261,6 +300,9 @@ class Session:
         events = self.sensor.poll(timeout_ms)
         for event in events:
             self.guard.handle(event)
+        for denial in self.prevention.denials():
+            self.guard.note(gate_record(denial))
+            self.guard.handle(self.prevention.gate_event(denial))  # judged: the verdict applies
         lost = self.sensor.stats.lost
         if lost > self._lost_seen:
             self.guard.events_lost(lost - self._lost_seen, lost, freeze=self.on_loss == "freeze")
@@ -313,7 +355,41 @@ def reap(child: subprocess.Popen) -> None:
             child.returncode = os.waitstatus_to_exitcode(status)
 
 
-def spawn_when_watched(command: list[str], cgroup: Path, session: Session) -> subprocess.Popen:
+def prepare_jail(session: Session, policy: Policy, *, enabled: bool) -> PreparedJail | None:
+    """The Landlock jail for `run`'s command, built from the policy (in the mode this session
+    enforces), said on the terminal and in the log; None when it restricts nothing.
+
+    Built here, in the guard, so that a path that cannot be opened is one line before the
+    command starts; the child only applies it (spawn_when_watched)."""
+    from ebpf_guard.enforce.jail import JailError, jail_preexec, landlock_support, plan_jail
+
+    if not enabled:
+        session.printer.message("jail: off (--no-jail): writes outside the workspace are only contained")
+        session.guard.note({"type": "session", "event": "jail", "jail": None, "why": "--no-jail"})
+        return None
+    support = landlock_support()
+    home = home_of(os.geteuid())
+    try:
+        plan = plan_jail(replace(policy, mode=session.engine.mode), workspace=session.workspace,
+                         homes=[home] if home else [], abi=support.abi)
+    except JailError as e:
+        raise SessionError(str(e)) from None
+    lines = plan.describe()
+    if not support.abi:
+        lines.append(f"jail: Landlock unavailable: {support.reason}")
+    for line in lines:
+        session.printer.message(line)
+    session.guard.note({"type": "session", "event": "jail", "jail": plan.as_record()})
+    if not plan.active:
+        return None
+    try:
+        return jail_preexec(plan)
+    except JailError as e:
+        raise SessionError(str(e)) from None
+
+
+def spawn_when_watched(command: list[str], cgroup: Path, session: Session,
+                       jail: PreparedJail | None = None) -> subprocess.Popen:
     """Start COMMAND inside `cgroup`, and let it exec only once the policy loop is polling.
 
     The child joins the cgroup between fork and exec, so it never runs unwatched; it then
@@ -334,6 +410,8 @@ def spawn_when_watched(command: list[str], cgroup: Path, session: Session) -> su
         os.close(go_write)
         if os.read(go_read, 1) != b"g":
             os._exit(126)  # the guard went away before watching: never run unwatched
+        if jail is not None:
+            jail()  # last: joining the cgroup and the v1 freezer are writes outside any workspace
 
     result: dict = {}
 
@@ -356,5 +434,8 @@ def spawn_when_watched(command: list[str], cgroup: Path, session: Session) -> su
         os.close(go_read)
         thread.join()
     if "error" in result:
+        failure = jail.failure() if jail is not None else None
+        if failure:
+            raise SessionError(f"cannot jail {command[0]}: {failure}")
         raise result["error"]
     return result["child"]

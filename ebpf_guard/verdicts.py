@@ -42,6 +42,9 @@ class Decision:
     event: Event
     scope: Scope = Scope.PROCESS  # for KILL: the offender or the whole cgroup
     enforced_in_kernel: bool = False  # the kernel fast path already acted (exec kill)
+    # The syscall was refused (EPERM/EACCES: a gate, the jail, egress, BPF-LSM or plain
+    # permissions) or killed before it ran: the harm did not happen. The verdict still applies.
+    prevented: bool = False
     # What the rule matched on: exec path, open/unlink path, connect "ip:port" (or "*" for
     # rate and escalation rules). `Engine.remember()` keys the operator's answer on it.
     value: str = ""

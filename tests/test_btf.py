@@ -111,7 +111,8 @@ def kernel_like(*, mm_exe_file: bool = True, tgid_size: int = 4, f_path_pointer:
     b.struct("fdtable", 16, [("max_fds", u32, 0), ("fd", void_p, 8)])
     b.struct("file", 40, [("f_inode", void_p, 32)])  # decoy: same name, lacks f_path
     f_path = b.ptr(path) if f_path_pointer else b.typedef("path_t", path)
-    b.struct("file", 80, [("f_inode", void_p, 32), ("f_path", f_path, 64)])
+    b.struct("file", 80, [("f_mode", u32, 16), ("f_inode", void_p, 32), ("f_path", f_path, 64)])
+    b.struct("linux_binprm", 24, [("buf", u64, 0), ("file", void_p, 8)])
     b.struct("dentry", 56, [("d_parent", void_p, 24), ("d_name", qstr, 32), ("d_inode", void_p, 48)])
     b.struct("inode", 72, [("i_sb", void_p, 40), ("i_ino", ino_t, 64)])
     # kind_flag: each member's offset word is (bitfield size << 24) | bit offset.
@@ -129,7 +130,8 @@ CRAFTED = {"task_struct.real_parent": 16, "task_struct.tgid": 40, "task_struct.f
            "file.f_inode": 32, "path.mnt": 0, "path.dentry": 8, "dentry.d_parent": 24, "dentry.d_name": 32,
            "dentry.d_inode": 48, "qstr.len": 4, "qstr.name": 8, "inode.i_ino": 64, "inode.i_sb": 40,
            "super_block.s_dev": 16, "vfsmount.mnt_root": 0, "mount.mnt": 32, "mount.mnt_parent": 16,
-           "mount.mnt_mountpoint": 24, "fs_struct.root": 24, "fs_struct.pwd": 40, "mm_struct.exe_file": 1312}
+           "mount.mnt_mountpoint": 24, "fs_struct.root": 24, "fs_struct.pwd": 40, "mm_struct.exe_file": 1312,
+           "file.f_mode": 16, "linux_binprm.file": 8}
 
 
 def write(tmp_path: Path, data: bytes) -> Path:

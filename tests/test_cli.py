@@ -170,9 +170,13 @@ def test_human_output_is_aligned_lines(tmp_path: Path):
 def test_doctor_passes_here_and_names_each_check():
     r = guard("doctor")
     assert r.returncode == 0, r.stdout
-    names = [line.split()[1] for line in r.stdout.splitlines()[:-1]]
+    lines = r.stdout.splitlines()
+    explained = next(i for i, line in enumerate(lines) if line.startswith("enforcement of "))
+    names = [line.split()[1] for line in lines[:explained]]
     assert names == ["root", "kernel", "btf", "tracefs", "headers", "cgroup-v2", "bcc", "sensor",
                      "bpf-lsm", "kprobes", "fentry", "fanotify", "landlock", "cgroup-bpf"]
+    # Then, per rule of the bundled policy, what enforces it here and whether that prevents.
+    assert any(line.startswith("  exfil-tool (exec, HALT): watch prevents") for line in lines[explained:])
     assert "fallback" in r.stdout or "matching" in r.stdout
 
 

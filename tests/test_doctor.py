@@ -23,7 +23,7 @@ from tests.helpers import guard
 pytestmark = requires_bpf
 
 MECHANISMS = ["bpf-lsm", "kprobes", "fentry", "fanotify", "landlock", "cgroup-bpf"]
-TRACEPOINT_PROBE = re.compile(r"^TRACEPOINT_PROBE\(", re.MULTILINE)
+TRACEPOINT_PROBE = re.compile(r"^(?:RAW_)?TRACEPOINT_PROBE\(", re.MULTILINE)
 
 # What each mechanism is on the hosts of the matrix, as measured there (kernel release pattern).
 MEASURED: dict[str, dict[str, str]] = {
@@ -38,9 +38,12 @@ MEASURED: dict[str, dict[str, str]] = {
 
 
 def parse(stdout: str) -> dict[str, tuple[str, str]]:
-    """Doctor's lines -> {check: (status, detail)}; the summary line is left out."""
+    """Doctor's lines -> {check: (status, detail)}; the summary line and the per-rule
+    enforcement lines after the checks are left out."""
     out = {}
     for line in stdout.splitlines()[:-1]:
+        if line.startswith("enforcement of "):
+            break
         status, name, detail = line.split(None, 2)
         out[name] = (status, detail)
     return out

@@ -60,9 +60,11 @@ def test_ssh_key_read_kills_the_reader(tmp_cgroup, tmp_path, ws, agent_user):
     with GuardRun(tmp_cgroup, log, ["runuser", "-u", user, "--", SYS_PY, "-c", code], workspace=ws) as run:
         assert run.wait() == EXIT_KILLED, run.err
     assert not marker.exists()
-    (rec,) = [r for r in records(log) if r["verdict"] == "KILL"]
-    assert rec["rule"] == "ssh-keys" and rec["event"]["path"] == str(key)
-    assert rec["event"]["uid"] == int(subprocess.check_output(["id", "-u", user]) or 0) or True
+    # Two readings of the one open may both be KILLs: the fanotify gate's (it refused the open:
+    # issue #10) and the sensor's; both name the key.
+    kills = [r for r in records(log) if r["verdict"] == "KILL"]
+    assert kills and all(r["rule"] == "ssh-keys" and r["event"]["path"] == str(key) for r in kills), kills
+    assert any(r["prevented"] for r in kills), kills
 
 
 def test_kill_is_logged_before_the_process_dies(tmp_cgroup, tmp_path, ws):
@@ -238,12 +240,18 @@ def test_network_burst_is_halted(tmp_cgroup, tmp_path, ws, netns):
         import socket
         srv = socket.create_server(({addr!r}, 0)); port = srv.getsockname()[1]
         for _ in range(60):
-            c = socket.create_connection(({addr!r}, port)); c.close(); srv.accept()[0].close()
+            try:  # past the rule's count the egress programs refuse it (EPERM): go on trying
+                c = socket.create_connection(({addr!r}, port)); c.close(); srv.accept()[0].close()
+            except PermissionError:
+                pass
         open({str(marker)!r}, 'w')
         import time; time.sleep({scaled(5)})
     """
     log = tmp_path / "v.jsonl"
-    with GuardRun(tmp_cgroup, log, ["ip", "netns", "exec", name, *agent(code)], workspace=ws) as run:
+    # --no-jail: `ip netns exec` mounts /sys in a new mount namespace, which Landlock refuses to
+    # any jailed process (the jail's own effect, not the subject here).
+    with GuardRun(tmp_cgroup, log, ["ip", "netns", "exec", name, *agent(code)], workspace=ws,
+                  extra=("--no-jail",)) as run:
         assert_frozen_then_kill(run)
     assert ("HALT", "network-burst") in verdicts_of(log)
     connects = [r for r in records(log, "verdict") if r["event"]["kind"] == "connect"]

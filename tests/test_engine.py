@@ -622,3 +622,32 @@ def test_failed_exec_attempts_are_not_judged() -> None:
     hit = exec_(["curl", "x"])
     hit.ret = 0
     assert eng.evaluate(hit).verdict is Verdict.HALT
+
+
+def test_a_refused_syscall_is_judged_as_usual_and_marked_prevented() -> None:
+    eng = engine()
+    key = f"{HOME}/.ssh/id_ed25519"
+    refused = eng.evaluate(open_(key, ret=-1))  # EPERM: a gate refused the open
+    assert (refused.verdict, refused.rule, refused.prevented) == (Verdict.KILL, "ssh-keys", True)
+    denied = eng.evaluate(connect("10.1.2.3", 443, pid=101, ret=-13))  # EACCES (Landlock)
+    assert denied.prevented
+    done = eng.evaluate(open_(key, ret=3, pid=102))
+    assert (done.verdict, done.prevented) == (Verdict.KILL, False)
+    missing = eng.evaluate(open_(key, ret=-2, pid=103))  # ENOENT: not refused, just absent
+    assert not missing.prevented
+
+
+def test_the_kernel_counts_deletions_outside_literal_scratch_dirs_only() -> None:
+    count, window_ns, scratch = engine().kernel_unlink_rate([HOME])
+    assert (count, window_ns) == (3, 10 * 10**9)  # mass-delete
+    assert {"/tmp", "/var/tmp", f"{HOME}/.cache", f"{WS}/.git"} <= set(scratch)
+    assert not any("*" in d for d in scratch)  # globs (`**/__pycache__/**`) stay counted
+    assert engine(mode=Mode.AUDIT).kernel_unlink_rate([HOME]) == (0, 0, ())
+
+
+def test_refused_deletions_count_towards_the_rate_rule_and_missing_files_do_not() -> None:
+    eng = engine()
+    gone = [eng.evaluate(unlink(f"/srv/data/f{i}", t=i * 0.1, ret=-2)) for i in range(5)]  # ENOENT
+    assert {d.verdict for d in gone} == {Verdict.SAFE}
+    refused = [eng.evaluate(unlink(f"/srv/data/g{i}", t=1 + i * 0.1, ret=-13)) for i in range(3)]  # EACCES
+    assert (refused[-1].verdict, refused[-1].rule, refused[-1].prevented) == (Verdict.HALT, "mass-delete", True)

@@ -99,7 +99,10 @@ def test_halt_writes_an_incident_with_the_frozen_tree(tmp_cgroup, tmp_path, ws, 
         import os, time
         os.chdir({str(ws)!r})
         keep = open("notes.txt", "w")          # an open file the snapshot should show
-        open({str(outside / 'x')!r}, 'w')       # HALT: write outside the workspace
+        try:
+            open({str(outside / 'x')!r}, 'w')   # HALT: write outside the workspace
+        except PermissionError:                 # refused by run's jail: judged all the same
+            pass
         time.sleep({scaled(30)})
     """
     script = tmp_path / "agent.py"

@@ -212,18 +212,37 @@ def user_batch(tmp_path_factory) -> Iterator[Batch]:
         yield Batch(log, run.proc.returncode, run.err, frozen, statuses(status), paths, padded)
 
 
-def _killed(batch: Batch, step: str) -> None:
-    """The step's agent died of SIGKILL before leaving its marker."""
+REFUSED = 1  # the agent's Python died of the PermissionError a prevention layer (issue #10) raised
+
+
+def _killed(batch: Batch, step: str, rec: dict | None = None) -> None:
+    """The step's agent died of SIGKILL before leaving its marker, or (issue #10) its syscall
+    was refused first (fanotify gate, Landlock jail, egress): then the KILL verdict for it
+    (`rec`) says `prevented`."""
     assert not batch.frozen, f"an agent was frozen, not killed: {non_safe(batch.log)}"
-    assert batch.status.get(step) == SIGKILLED, (batch.status, batch.err)
+    assert batch.status.get(step) in (SIGKILLED, REFUSED), (batch.status, batch.err)
+    if batch.status.get(step) == REFUSED and rec is not None:
+        assert rec["prevented"] is True, rec
     assert not (batch.paths["ws"] / f"{step}.ran").exists()
+
+
+def _key_kill(b: Batch, real: Path, **requested) -> dict:
+    """The KILL for a key reached by another name: the sensor's (judged on the name asked for,
+    walked to the file) or, since issue #10, the fanotify gate's (the open was refused, so the
+    sensor had no file to walk: the gate reports the file it refused, and that is judged)."""
+    gated = [r for r in b.kills() if "refused_by_gate" in r["event"].get("notes", [])
+             and r["event"].get("real_path") == str(real)]
+    sensed = [r for r in b.kills(**requested) if str(real) in (r["event"].get("real_path"), r["event"]["path"])]
+    found = sensed or gated
+    assert found, (b.status, [(r["rule"], r["event"].get("raw_path")) for r in b.kills()])
+    return found[0]
 
 
 # 1
 def test_symlink_to_ssh_key_is_killed(user_batch):
     b, p = user_batch, user_batch.paths
-    _killed(b, "symlink")
-    (rec,) = b.kills(raw_path=str(p["link"]))
+    rec = _key_kill(b, p["key"], raw_path=str(p["link"]))
+    _killed(b, "symlink", rec)
     assert rec["rule"] == "ssh-keys"
     # As requested: the link in the workspace; as the kernel reached it: the key.
     assert rec["event"].get("real_path") == str(p["key"]), rec["event"]
@@ -232,8 +251,8 @@ def test_symlink_to_ssh_key_is_killed(user_batch):
 # 2
 def test_hard_link_to_ssh_key_is_killed_by_inode(user_batch):
     b, p = user_batch, user_batch.paths
-    _killed(b, "hardlink")
     (rec,) = b.kills(raw_path=str(p["hard"]))
+    _killed(b, "hardlink", rec)
     assert rec["rule"] == "ssh-keys"
     # No name of it says ".ssh": only the inode does; the reason names the key it is.
     assert str(p["key"]) in rec["reason"], rec["reason"]
@@ -246,40 +265,43 @@ def test_hard_link_to_ssh_key_is_killed_by_inode(user_batch):
 # 3
 def test_proc_self_root_path_to_ssh_key_is_killed(user_batch):
     b, p = user_batch, user_batch.paths
-    _killed(b, "procroot")
-    (rec,) = b.kills(raw_path=f"/proc/self/root{p['deploy']}")
+    rec = _key_kill(b, p["deploy"], raw_path=f"/proc/self/root{p['deploy']}")
+    _killed(b, "procroot", rec)
     assert rec["rule"] == "ssh-keys"
-    assert rec["event"].get("real_path") == str(p["deploy"]), rec["event"]
+    # Walked by the kernel, or (refused by the gate: no file to walk) the alias read as text.
+    assert str(p["deploy"]) in (rec["event"].get("real_path"), rec["event"]["path"]), rec["event"]
 
 
 # 4
 def test_path_past_the_kernel_buffer_to_ssh_key_is_killed(user_batch):
     b, p = user_batch, user_batch.paths
-    _killed(b, "longpath")
     padded = b.text
-    (rec,) = [r for r in b.kills() if r["event"]["raw_path"] and padded.startswith(r["event"]["raw_path"])]
+    sensed = [r for r in b.kills() if r["event"]["raw_path"] and padded.startswith(r["event"]["raw_path"])
+              and r["event"].get("real_path") == str(p["key"])]
+    rec = sensed[0] if sensed else _key_kill(b, p["key"])
+    _killed(b, "longpath", rec)
     assert rec["rule"] == "ssh-keys"
-    # The requested path is cut at the kernel's buffer (and says so); the real path is whole.
-    assert len(rec["event"]["raw_path"]) < len(padded)
-    assert "path_truncated" in rec["event"].get("notes", [])
     assert rec["event"].get("real_path") == str(p["key"]), rec["event"]
+    if sensed:  # the sensor's reading: the requested path cut at the kernel's buffer (and says so)
+        assert len(rec["event"]["raw_path"]) < len(padded)
+        assert "path_truncated" in rec["event"].get("notes", [])
 
 
 # 9
 def test_rename_over_and_truncate_of_a_protected_file_are_contained(user_batch):
     """`mv` over ~/.bashrc (os.rename: the renameat2 mv makes) and truncate(2) of ~/.profile,
     which no open reveals (coreutils `truncate -s0` opens for writing first, which was always
-    caught). Containment, not prevention: the rename and the truncate are done when the guard
-    sees them (preventing them is the next issue); the agent is killed before its next step."""
+    caught). Under `run` the Landlock jail refuses both (issue #10: EACCES, `prevented`); without
+    it they are contained: done when the guard sees them, the agent killed before its next step."""
     b, p = user_batch, user_batch.paths
     bashrc, profile = str(p["home"] / ".bashrc"), str(p["home"] / ".profile")
-    _killed(b, "rename")
     (rec,) = b.kills(kind="rename")
+    _killed(b, "rename", rec)
     assert rec["rule"] == "agent-config-write"
     assert bashrc in rec["reason"], rec["reason"]
     assert bashrc in (rec["event"].get("dest_path"), rec["event"].get("dest_real_path")), rec["event"]
-    _killed(b, "truncate")
     (rec,) = b.kills(kind="truncate")
+    _killed(b, "truncate", rec)
     assert rec["rule"] == "agent-config-write"
     assert profile in rec["reason"], rec["reason"]
     assert profile in names_in(rec), rec["event"]
@@ -319,7 +341,10 @@ def test_dirfd_swapped_by_dup_is_judged_where_it_points(tmp_cgroup, tmp_path, ws
         open({str(marker)!r}, 'w')
     """
     log = tmp_path / "v.jsonl"
-    with GuardRun(tmp_cgroup, log, ["sh", "-c", agent(code)], workspace=ws, extra=("--log-all",)) as run:
+    # --no-jail: this is about where the sensor says each deletion happened; the jail would
+    # refuse the first one (test_prevent.py shows that).
+    with GuardRun(tmp_cgroup, log, ["sh", "-c", agent(code)], workspace=ws,
+                  extra=("--log-all", "--no-jail")) as run:
         assert_frozen_then_kill(run)
     assert not marker.exists()
     assert len(list(b2.glob("f*"))) > 0, "every file of B2 was deleted"
@@ -427,13 +452,18 @@ def test_renamed_copy_of_curl_is_judged_as_curl(tmp_cgroup, tmp_path, ws, listen
 
 def test_curl_started_by_the_loader_is_stopped_before_it_runs(tmp_cgroup, tmp_path, ws, listener):
     """`ld.so /usr/bin/curl`: the exec is the loader's; curl's code arrives by mmap(PROT_EXEC),
-    where the kernel stops it by inode before any of it runs: the server sees nothing."""
+    where the kernel stops it by inode before any of it runs: the server sees nothing. Since
+    issue #10 the fanotify gate may refuse the loader's open of curl even earlier (EPERM: the
+    loader exits, its shell goes on); the engine's HALT for the loader's exec may still land."""
     marker = tmp_path / "after-curl"
     cmd = ["sh", "-c", f"{LDSO} {CURL} -s -m {scaled(5):.0f} {listener.url}; touch {marker}"]
     log = tmp_path / "v.jsonl"
     with GuardRun(tmp_cgroup, log, cmd, workspace=ws) as run:
-        assert_frozen_then_kill(run)
-    assert not marker.exists()
+        frozen = run_to_end(run)
+    refused = [r for r in records(log, "prevented") if r["path"] == os.path.realpath(CURL)]
+    assert frozen or refused, (non_safe(log), run.err)
+    if not refused:
+        assert not marker.exists()
     time.sleep(0.2)  # the listener polls every 50 ms
     assert listener.accepted == 0 and listener.data == b""
     bad = non_safe(log)
@@ -558,13 +588,14 @@ def test_rm_through_a_symlinked_operand(root_batch):
 # 12
 def test_destinations_given_to_sendto_are_judged_as_connects(root_batch):
     """A UDP datagram with sendto() and a TCP Fast Open sendto(MSG_FASTOPEN) connect without
-    connect(2). Containment: the datagram/SYN leaves before the verdict; the sender is killed
-    before its next step."""
+    connect(2). Under `run` the cgroup-BPF egress programs refuse both before any packet leaves
+    (issue #10); the sensor still reports them and the guard still kills the sender."""
     b, p = root_batch, root_batch.paths
     assert not b.frozen, non_safe(b.log)
     kills = b.kills(kind="connect")
     for name in ("udp", "tfo"):
-        assert b.status.get(name) == SIGKILLED, b.status
+        # Refused by the egress programs before any packet (issue #10), or killed after.
+        assert b.status.get(name) in (SIGKILLED, REFUSED), b.status
         assert not (p["tmp"] / f"{name}.ran").exists()
     assert [r["rule"] for r in kills] == ["forbidden-dest", "forbidden-dest"], kills
     for r in kills:

@@ -23,10 +23,11 @@ from tests.conftest import requires_bpf
 pytestmark = requires_bpf
 
 TRACEPOINT_PROBE = re.compile(r"^TRACEPOINT_PROBE\(\s*(\w+)\s*,\s*(\w+)\s*\)", re.MULTILINE)
+RAW_TRACEPOINT_PROBE = re.compile(r"^RAW_TRACEPOINT_PROBE\(\s*(\w+)\s*\)", re.MULTILINE)
 
 # x86_64 syscall numbers: the calls glibc may route elsewhere (open -> openat, ...) are made raw,
 # so that each tracepoint of the sensor is hit for certain.
-SYS = {"open": 2, "chdir": 80, "fchdir": 81, "rmdir": 84, "unlink": 87, "openat": 257, "unlinkat": 263,
+SYS = {"open": 2, "creat": 85, "chdir": 80, "fchdir": 81, "rmdir": 84, "unlink": 87, "openat": 257, "unlinkat": 263,
        "execveat": 322, "bpf": 321, "openat2": 437, "rename": 82, "renameat": 264, "renameat2": 316,
        "link": 86, "linkat": 265, "symlink": 88, "symlinkat": 266, "truncate": 76, "ftruncate": 77,
        "io_uring_setup": 425, "ptrace": 101, "sendmmsg": 307}  # x86_64
@@ -57,7 +58,10 @@ def _sys(name: str, *args: object) -> int:
 def hit_every_tracepoint(tmp: Path) -> None:
     """One syscall (or process event) of each kind the sensor traces; results do not matter."""
     path = str(tmp / "f").encode()
-    for fd in (_sys("open", path, os.O_CREAT | os.O_WRONLY, 0o600), _sys("openat", AT_FDCWD, path, os.O_RDONLY)):
+    opened = [_sys("open", path, os.O_CREAT | os.O_WRONLY, 0o600), _sys("openat", AT_FDCWD, path, os.O_RDONLY)]
+    if "creat" in SYS:
+        opened.append(_sys("creat", path, 0o600))
+    for fd in opened:
         if fd >= 0:
             os.close(fd)
     how = (ctypes.c_uint64 * 3)(os.O_RDONLY, 0, 0)  # struct open_how
@@ -112,7 +116,9 @@ def run_counts(sensor: Sensor) -> dict[str, int]:
 
 
 def test_every_program_is_attached_and_runs(tmp_path: Path) -> None:
-    in_source = {f"{cat}:{event}" for cat, event in TRACEPOINT_PROBE.findall(SOURCE.read_text())}
+    text = SOURCE.read_text()
+    in_source = {f"{cat}:{event}" for cat, event in TRACEPOINT_PROBE.findall(text)}
+    in_source |= {f"raw:{event}" for event in RAW_TRACEPOINT_PROBE.findall(text)}
     assert len(in_source) >= 20, "the TRACEPOINT_PROBE pattern no longer matches bpf/sensor.c"
     before = host.bpf_prog_fds()
     # Run counts: BPF_ENABLE_STATS counts while its fd is open, for this test only (unlike the

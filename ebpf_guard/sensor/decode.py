@@ -19,6 +19,7 @@ from ebpf_guard.events import (
     F_KILLED,
     F_NO_PROC,
     F_PATH_TRUNC,
+    F_RATE_HELD,
     F_REAL,
     F_REAL2,
     F_REAL2_CUT,
@@ -31,6 +32,7 @@ from ebpf_guard.events import (
     NOTE_KILLED,
     NOTE_PATH_TRUNCATED,
     NOTE_PROC_UNKNOWN,
+    NOTE_RATE_HELD,
     NOTE_UNRESOLVED,
     PATH_LEN,
     READ,
@@ -116,6 +118,9 @@ MSG_FASTOPEN = 0x20000000
 def user_dev(kernel_dev: int) -> int:
     """super_block.s_dev (MAJOR << 20 | MINOR) -> st_dev as stat(2) reports it."""
     return os.makedev(kernel_dev >> 20, kernel_dev & 0xFFFFF)
+
+
+_USER_DEVS: dict[int, int] = {}  # kernel dev_t -> st_dev: a host has a handful of devices
 
 
 def kernel_dev(st_dev: int) -> int:
@@ -228,7 +233,8 @@ class Decoder:
                 end = _STRS_OFF + plen
                 if len(r) < end + rlen:
                     raise DecodeError(f"open record of {len(r)} bytes is shorter than its strings")
-                raw_path = r[_STRS_OFF : end - 1].decode("utf-8", "backslashreplace") if plen else ""
+                raw_b = r[_STRS_OFF : end - 1]
+                raw_path = raw_b.decode("utf-8", "backslashreplace") if plen else ""
                 path = normalize(raw_path) if raw_path[:1] == "/" else None
                 if path is None:
                     path = model.resolve(st, tgid, fd, raw_path)
@@ -240,8 +246,13 @@ class Decoder:
                     )  # fmt: skip
                     ev.exe = st.exe
                     if flags & F_REAL:
-                        ev.real_path = r[end : end + rlen].decode("utf-8", "backslashreplace")
-                        ev.dev, ev.ino = user_dev(kdev), ino
+                        real_b = r[end : end + rlen]
+                        # Most opens name the file by its real path: one decode for both.
+                        ev.real_path = raw_path if real_b == raw_b else real_b.decode("utf-8", "backslashreplace")
+                        dev = _USER_DEVS.get(kdev)
+                        if dev is None:
+                            dev = _USER_DEVS[kdev] = user_dev(kdev)
+                        ev.dev, ev.ino = dev, ino
                     if ret >= 0:
                         st.fds[ret] = ev.real_path or path
                     return ev
@@ -275,7 +286,7 @@ class Decoder:
             ev.target_pid = child
             ev.flags = sc_flags
         elif kind is Kind.IO_URING:
-            ev.flags = sc_flags
+            ev.ret = ret  # the ring's fd, or -errno (EPERM: refused by run's jail)
         if not ev.exe:
             ev.exe = st.exe
         if notes:
@@ -311,6 +322,8 @@ class Decoder:
             ev.ret = None
         elif flags & F_HELD:
             notes.append(NOTE_HELD)
+        if flags & F_RATE_HELD:
+            notes.append(NOTE_RATE_HELD)
         named = plen > 0 and kind is not Kind.SYMLINK  # symlink: raw_path is the target text
         if kind is Kind.SYMLINK:
             path = raw_path  # never resolved: what the link will say

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ebpf_guard.enforce import cgroups as cg
-from ebpf_guard.events import EXEC_HOLD, EXEC_KILL, MAX_CGROUPS, NAME_LEN, PATH_LEN, Event
+from ebpf_guard.events import EXEC_HOLD, EXEC_KILL, MAX_CGROUPS, NAME_LEN, PATH_LEN, RATE_SLOTS, Event
 
 from .btf import VMLINUX_BTF, BtfError, Layouts, kernel_layouts
 from .decode import Decoder, kernel_dev
@@ -21,8 +22,9 @@ from .transport import SensorStats, Transport
 
 class Sensor:
     """The kernel side's Python half: owns the loaded object and its maps (scope, tracked
-    pids, exec rules, procs), loads it, scopes it, and turns its raw records into
-    time-ordered `Event`s through a `Transport` (the perf buffers) and a `Decoder`."""
+    pids, procs; the in-kernel responses through a `KernelResponse`), loads it, scopes it, and
+    turns its raw records into time-ordered `Event`s through a `Transport` (the perf buffers)
+    and a `Decoder`."""
 
     def __init__(
         self,
@@ -30,7 +32,7 @@ class Sensor:
         cgroups: Sequence[Path] = (),
         pids: Sequence[int] = (),
         page_cnt: int = 256,
-        wakeup_events: int = 32,
+        wakeup_events: int = 128,
         urgent_page_cnt: int = 64,
         source: Path = SOURCE,
         btf: Path | None = VMLINUX_BTF,
@@ -45,9 +47,9 @@ class Sensor:
         self._cgroups = [Path(p) for p in cgroups]
         self._pids = [int(p) for p in pids]
         self._bpf = None
+        self._response: KernelResponse | None = None
         self._stats = SensorStats()
         self._model = ProcModel()
-        self._exec_rules = False
         self._decoder = Decoder(self._model, self._stats, learn=self._learn_proc,
                                 identify=ExecIdentifier())
         self.layouts: Layouts | None = None  # the kernel's struct offsets (BTF); None without
@@ -73,8 +75,9 @@ class Sensor:
         except BtfError as e:
             self.layouts, self.btf_error = None, str(e)
         self._decoder.btf = self.layouts is not None
-        b = load_programs(self._source, self.layouts.cflags() if self.layouts else ())
+        b = load_programs(self._source, [*(self.layouts.cflags() if self.layouts else ()), *_arch_cflags()])
         self._bpf = b
+        self._response = KernelResponse(b)
         try:
             self._transport.open(b)
             self.set_scope(cgroups=self._cgroups, pids=self._pids)
@@ -95,12 +98,15 @@ class Sensor:
         try:
             for tp in list(b.tracepoint_fds):
                 b.detach_tracepoint(tp)
+            for tp in list(b.raw_tracepoint_fds):
+                b.detach_raw_tracepoint(tp)
             return self._transport.drain(b)
         finally:
             self._cleanup()
 
     def _cleanup(self) -> None:
         b, self._bpf = self._bpf, None
+        self._response = None
         self._transport.close()
         if b is not None:
             b.cleanup()
@@ -148,42 +154,49 @@ class Sensor:
         Returns the entries the kernel cannot compare (a name with '/' or of 64+ bytes, a
         path of 256+ bytes): they are left to the engine, which judges every exec anyway.
         """
-        b = self._require()
-        skipped: list[str] = []
-        names: dict[bytes, int] = {}
-        paths: dict[bytes, int] = {}
-        for action, entries in ((EXEC_HOLD, hold_names), (EXEC_KILL, kill_names)):
-            for n in entries:
-                raw = os.fsencode(n)
-                if 0 < len(raw) < NAME_LEN and b"/" not in raw:
-                    names[raw] = action
-                else:
-                    skipped.append(n)
-        for p in kill_paths:
-            raw = os.fsencode(p)
-            if 0 < len(raw) < PATH_LEN:
-                paths[raw] = EXEC_KILL
-            else:
-                skipped.append(p)
-        for table, entries in ((b[b"exec_names"], names), (b[b"exec_paths"], paths)):
-            table.clear()
-            for k, action in entries.items():
-                key = table.Key()
-                key.s = k
-                table[key] = ctypes.c_uint8(action)
-        inodes: dict[tuple[int, int], int] = {}
-        for action, pairs in ((EXEC_HOLD, hold_inodes), (EXEC_KILL, kill_inodes)):
-            for dev, ino in pairs:
-                inodes[(kernel_dev(dev), ino)] = action
-        table = b[b"exec_inodes"]
-        table.clear()
-        for (dev, ino), action in inodes.items():
-            key = table.Key()
-            key.dev, key.ino = dev, ino
-            table[key] = ctypes.c_uint8(action)
-        self._exec_rules = bool(names or paths or inodes)
+        skipped = self._maps().set_exec_rules(
+            kill_names=kill_names, kill_paths=kill_paths, hold_names=hold_names, kill_inodes=kill_inodes,
+            hold_inodes=hold_inodes,
+        )
         self._write_cfg(None)
         return skipped
+
+    def set_rate_rules(self, unlink_count: int, window_ns: int,
+                       scratch_dirs: Iterable[tuple[int, int]] = ()) -> list[str]:
+        """The deletion rate rule as a first response in the kernel: the watched process whose
+        unlink/unlinkat/rmdir is the `unlink_count`th within `window_ns` (attempts at syscall
+        entry, all watched scopes together) is stopped and held at that deletion, and the
+        event notes `rate_held_in_kernel`; the guard decides, then reset_rate() and
+        release_held(), or kills. 0 disables; at most RATE_SLOTS. scratch_dirs: (st_dev, st_ino)
+        of directories beneath which deletions do not count, recognised by identity in the walk
+        of the name's base directory (BTF; an absolute name always counts). Replaces the
+        previous rule; returns what the kernel cannot do here, one line each."""
+        notes = self._maps().set_rate_rules(unlink_count, window_ns, scratch_dirs,
+                                            no_btf=self.btf_error if self.layouts is None else None)
+        self._write_cfg(None)
+        return notes
+
+    def reset_rate(self) -> None:
+        """Forget the deletions counted so far (after the guard decided on a rate hold)."""
+        self._maps().reset_rate()
+
+    def process(self, tgid: int) -> ProcState | None:
+        """What the sensor knows of a watched process (start time, parent, exe), if anything."""
+        return self._model.procs.get(tgid)
+
+    def held(self) -> list[int]:
+        """The tgids the kernel holds: stopped, and killed if anyone but the guard continues them."""
+        return self._maps().held()
+
+    def release_held(self, tgid: int) -> bool:
+        """Clear a held mark, so that the SIGCONT sent next does not get the process killed (a
+        SIGCONT from this process releases by itself too). False if it was not held."""
+        return self._maps().release_held(tgid)
+
+    def open_flags(self, tid: int) -> int | None:
+        """The open(2) flags (O_*) of the open, openat, openat2 or creat the watched thread
+        `tid` is executing now, or None."""
+        return self._maps().open_flags(tid)
 
     def _write_cfg(self, watched: list[tuple[int, int]] | None) -> None:
         table = self._require()[b"scope"]
@@ -193,7 +206,10 @@ class Sensor:
             for i, (level, cid) in enumerate(watched):
                 cfg.levels[i], cfg.ids[i] = level, cid
             cfg.pid_mode = int(bool(self._pids))
-        cfg.exec_rules = int(self._exec_rules)
+        maps = self._maps()
+        cfg.exec_rules = int(maps.exec_rules)
+        cfg.rate_count, cfg.rate_window_ns = maps.rate_count, maps.rate_window_ns
+        cfg.owner_tgid = os.getpid()  # the guard: its SIGCONT releases a held process
         table[ctypes.c_int(0)] = cfg
 
     def _seed(self, tgids: Iterable[int]) -> None:
@@ -236,6 +252,11 @@ class Sensor:
             raise SensorError("sensor not started")
         return self._bpf
 
+    def _maps(self) -> KernelResponse:
+        self._require()
+        assert self._response is not None
+        return self._response
+
     # -- events ------------------------------------------------------------------------------
 
     def poll(self, timeout_ms: int = 2) -> list[Event]:
@@ -260,6 +281,112 @@ class Sensor:
 
     def _take(self, cut: int | None) -> list[Event]:
         return self._transport.take(cut)
+
+
+_HOLD_RELEASED = 4  # EG_HOLD_RELEASED (bpf/events.h)
+_BPF_EXIST = 2  # bpf_map_update_elem: only replace an existing entry
+
+
+def _arch_cflags() -> list[str]:
+    """Syscalls only some architectures have: creat(2) (x86_64; arm64 has no such syscall)."""
+    return ["-DEG_HAVE_CREAT=1"] if platform.machine() == "x86_64" else []
+
+
+class KernelResponse:
+    """The maps through which the kernel acts on its own, and their Python side: exec rules
+    (exec_names, exec_paths, exec_inodes), holds (held), the deletion rate rule (rate,
+    scratch_dirs) and the flags of opens in progress (open_flags). The scope_cfg flags that
+    switch them on are written by the Sensor from `exec_rules` and `rate_*`."""
+
+    def __init__(self, bpf: Any) -> None:
+        self._b = bpf
+        self.exec_rules = False  # the exec maps are non-empty
+        self.rate_count = 0
+        self.rate_window_ns = 0
+
+    def set_exec_rules(
+        self, *, kill_names: Iterable[str], kill_paths: Iterable[str], hold_names: Iterable[str],
+        kill_inodes: Iterable[tuple[int, int]], hold_inodes: Iterable[tuple[int, int]],
+    ) -> list[str]:
+        """Fill the exec maps (see Sensor.set_exec_rules); returns the entries left out."""
+        b = self._b
+        skipped: list[str] = []
+        names: dict[bytes, int] = {}
+        paths: dict[bytes, int] = {}
+        for action, entries in ((EXEC_HOLD, hold_names), (EXEC_KILL, kill_names)):
+            for n in entries:
+                raw = os.fsencode(n)
+                if 0 < len(raw) < NAME_LEN and b"/" not in raw:
+                    names[raw] = action
+                else:
+                    skipped.append(n)
+        for p in kill_paths:
+            raw = os.fsencode(p)
+            if 0 < len(raw) < PATH_LEN:
+                paths[raw] = EXEC_KILL
+            else:
+                skipped.append(p)
+        for table, entries in ((b[b"exec_names"], names), (b[b"exec_paths"], paths)):
+            table.clear()
+            for k, action in entries.items():
+                key = table.Key()
+                key.s = k
+                table[key] = ctypes.c_uint8(action)
+        inodes: dict[tuple[int, int], int] = {}
+        for action, pairs in ((EXEC_HOLD, hold_inodes), (EXEC_KILL, kill_inodes)):
+            for dev, ino in pairs:
+                inodes[(kernel_dev(dev), ino)] = action
+        table = b[b"exec_inodes"]
+        table.clear()
+        for (dev, ino), action in inodes.items():
+            key = table.Key()
+            key.dev, key.ino = dev, ino
+            table[key] = ctypes.c_uint8(action)
+        self.exec_rules = bool(names or paths or inodes)
+        return skipped
+
+    def set_rate_rules(self, count: int, window_ns: int, scratch_dirs: Iterable[tuple[int, int]],
+                       no_btf: str | None) -> list[str]:
+        """Check the rule, fill scratch_dirs, reset the ring; the caller writes count/window
+        into scope_cfg. no_btf: why there are no BTF walks (None: there are)."""
+        if not 0 <= count <= RATE_SLOTS:
+            raise SensorError(f"rate rule count {count} is outside 0..{RATE_SLOTS}")
+        if count and window_ns <= 0:
+            raise SensorError(f"rate rule window {window_ns} ns is not positive")
+        table = self._b[b"scratch_dirs"]
+        table.clear()
+        for dev, ino in scratch_dirs:
+            key = table.Key()
+            key.dev, key.ino = kernel_dev(dev), ino
+            table[key] = ctypes.c_uint8(1)
+        self.reset_rate()
+        self.rate_count, self.rate_window_ns = count, (window_ns if count else 0)
+        if count and no_btf is not None:
+            return [f"scratch directories are not recognised without BTF ({no_btf}): every deletion counts"]
+        return []
+
+    def reset_rate(self) -> None:
+        table = self._b[b"rate"]
+        table[ctypes.c_int(0)] = table.Leaf()  # all zero: no deletion seen
+
+    def held(self) -> list[int]:
+        return sorted(k.value for k, mark in self._b[b"held"].items() if mark.state != _HOLD_RELEASED)
+
+    def release_held(self, tgid: int) -> bool:
+        from bcc import lib  # only reached with bcc loaded
+
+        table = self._b[b"held"]
+        key = ctypes.c_uint32(tgid)
+        mark = table.get(key)
+        if mark is None or mark.state == _HOLD_RELEASED:
+            return False
+        mark.state = _HOLD_RELEASED
+        # Replace only: if the process exited meanwhile, its mark is not brought back.
+        return lib.bpf_update_elem(table.map_fd, ctypes.byref(key), ctypes.byref(mark), _BPF_EXIST) == 0
+
+    def open_flags(self, tid: int) -> int | None:
+        flags = self._b[b"open_flags"].get(ctypes.c_uint32(tid))
+        return None if flags is None else flags.value
 
 
 def _watched_cgroups(paths: Sequence[Path]) -> list[tuple[int, int]]:

@@ -17,6 +17,7 @@ from ebpf_guard.paths import BPF_DIR
 SOURCE = BPF_DIR / "sensor.c"
 
 _TP_PREFIX = "tracepoint__"
+_RAW_TP_PREFIX = "raw_tracepoint__"  # RAW_TRACEPOINT_PROBE: attached to "raw:<event>"
 _FAILED_PROGRAM = re.compile(r"Failed to load BPF program b'([^']+)': (.*)")
 _EPERM_MESSAGE = "Need super-user privileges to run"  # what bcc says for any EPERM, even to root
 
@@ -39,7 +40,10 @@ def _cflags(bpf_dir: Path) -> list[str]:
 
 
 def _attach_point(program: str) -> str:
-    """bcc's name for a TRACEPOINT_PROBE function -> "category:event" (as bcc derives it)."""
+    """bcc's name for a TRACEPOINT_PROBE function -> "category:event" (as bcc derives it); for
+    a RAW_TRACEPOINT_PROBE -> "raw:event"."""
+    if program.startswith(_RAW_TP_PREFIX):
+        return "raw:" + program[len(_RAW_TP_PREFIX):]
     return program[len(_TP_PREFIX):].replace("__", ":")
 
 
@@ -53,8 +57,9 @@ def object_programs(b: Any) -> list[str]:
 def programs_of(b: Any) -> dict[str, str]:
     """Every program of a bcc object -> the tracepoint it is attached to ("" if none)."""
     attached = {tp.decode() for tp in b.tracepoint_fds}
-    return {p: _attach_point(p) if p.startswith(_TP_PREFIX) and _attach_point(p) in attached else ""
-            for p in object_programs(b)}
+    attached |= {"raw:" + tp.decode() for tp in getattr(b, "raw_tracepoint_fds", {})}
+    return {p: _attach_point(p) if p.startswith((_TP_PREFIX, _RAW_TP_PREFIX)) and _attach_point(p) in attached
+            else "" for p in object_programs(b)}
 
 
 def load_programs(source: Path = SOURCE, extra_cflags: Sequence[str] = ()) -> Any:
@@ -97,7 +102,7 @@ def _load_failure(b: Any, source: Path, error: Exception, output: str, log: Path
         loaded = {name.decode() for name in getattr(b, "funcs", {})}
         bad = next((p for p, point in programs_of(b).items() if not point), None)
         if bad is not None:
-            point = _attach_point(bad) if bad.startswith(_TP_PREFIX) else bad
+            point = _attach_point(bad) if bad.startswith((_TP_PREFIX, _RAW_TP_PREFIX)) else bad
             what = (f"program {point} refused by the kernel ({errno_text})" if bad not in loaded
                     else f"program {point} loaded but not attached ({message})")
     host.discard(b)
