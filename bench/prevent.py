@@ -202,6 +202,12 @@ def bench_sensor_hold(worker: Path, cg: Path, n: int, reps: int) -> list[str]:
             f"attached vs not: {with_sensor[0] - before[0]:+.3f} µs/op ({before[0]:.3f} -> {with_sensor[0]:.3f})"]
 
 
+def make_tree(tree: Path, files: int = 1000) -> None:
+    for i in range(files):
+        (tree / f"d{i % 10}").mkdir(parents=True, exist_ok=True)
+        (tree / f"d{i % 10}" / f"f{i}").write_text("x")
+
+
 def reaction(tmp: Path, cg: Path) -> list[str]:
     """How much harm each mechanism let through after the trigger."""
     out = []
@@ -215,9 +221,7 @@ def reaction(tmp: Path, cg: Path) -> list[str]:
     out.append(f"fanotify gate: key bytes read by a watched cat: {len(got)}")
 
     tree = tmp / "outside" / "tree"
-    for i in range(1000):
-        (tree / f"d{i % 10}").mkdir(parents=True, exist_ok=True)
-        (tree / f"d{i % 10}" / f"f{i}").write_text("x")
+    make_tree(tree)
     ws = tmp / "ws"
     abi = landlock_abi()
     if abi:
@@ -228,6 +232,7 @@ def reaction(tmp: Path, cg: Path) -> list[str]:
         left = sum(1 for p in tree.rglob("*") if p.is_file())
         out.append(f"Landlock jail: files deleted by a jailed shutil.rmtree outside the workspace: {1000 - left}/1000")
 
+    make_tree(tree)
     sensor = Sensor(cgroups=[cg])
     sensor.start()
     try:
@@ -242,6 +247,7 @@ def reaction(tmp: Path, cg: Path) -> list[str]:
         out.append(f"kernel rate hold (count 3): files deleted by find -delete before it was held: {1000 - left}/1000")
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
+        sensor.reset_rate()
     finally:
         sensor.close()
     return out
@@ -254,7 +260,9 @@ def main() -> None:
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/prevent.py: needs root")
-    tmp = Path(tempfile.mkdtemp(prefix="ebpf-guard-prevent-", dir="/var/tmp"))
+    # Not under /tmp or /var/tmp: the default policy treats those as scratch (writable in the
+    # jail, deletions there not counted), and "outside the workspace" must be outside them.
+    tmp = Path(tempfile.mkdtemp(prefix="ebpf-guard-prevent-", dir="/var/lib"))
     t0 = time.monotonic()
     try:
         worker = build_worker(tmp)
