@@ -47,8 +47,6 @@
 #define H_TASK_KILL 10
 #define EG_NHOOKS 11
 
-#define OFF(s, m) EG_OFF_##s##__##m
-
 struct lsm_cfg {
     u32 ncgroups;               /* entries used in levels[]/ids[] */
     u32 rate_count;             /* deletions allowed within the window; 0: no limit */
@@ -104,19 +102,7 @@ static __always_inline int deny(u32 hook)
 
 /* ---- kernel objects, at BTF offsets ----------------------------------------------------- */
 
-static __always_inline void *kptr(void *base, u32 off)
-{
-    void *p = 0;
-    bpf_probe_read_kernel(&p, sizeof(p), (char *)base + off);
-    return p;
-}
-
-static __always_inline u32 ku32(void *base, u32 off)
-{
-    u32 v = 0;
-    bpf_probe_read_kernel(&v, sizeof(v), (char *)base + off);
-    return v;
-}
+#include "kread.h"
 
 static __always_inline u8 inode_flags(void *inode)
 {

@@ -142,21 +142,7 @@ struct kpath {
 };
 
 #ifdef EG_HAVE_BTF
-#define OFF(s, m) EG_OFF_##s##__##m
-
-static __always_inline void *kptr(void *base, u32 off)
-{
-    void *p = 0;
-    bpf_probe_read_kernel(&p, sizeof(p), (char *)base + off);
-    return p;
-}
-
-static __always_inline u32 ku32(void *base, u32 off)
-{
-    u32 v = 0;
-    bpf_probe_read_kernel(&v, sizeof(v), (char *)base + off);
-    return v;
-}
+#include "kread.h"
 
 static __always_inline void *task(void)
 {

@@ -341,7 +341,7 @@ class LsmEnforcer:
             layouts = kernel_layouts(self._btf)
         except (host.HostError, BtfError) as e:
             raise LsmError(f"BPF-LSM: {e}") from e
-        cflags = [*layouts.cflags(), *self._feature_flags(layouts.offsets)]
+        cflags = [f"-I{self._source.resolve().parent}", *layouts.cflags(), *self._feature_flags(layouts.offsets)]
         loaded = host.bcc_load(keep_log=True, src_file=str(self._source).encode(), cflags=cflags)
         if loaded.error is not None:
             raise LsmError(self._load_failure(loaded))
