@@ -113,17 +113,30 @@ def cgroup_id(path: Path) -> int:
         raise CgroupError(f"cannot stat cgroup {path}: {e.strerror}") from e
 
 
-def cgroup_of_pid(pid: int) -> Path:
-    """The v2 cgroup directory `pid` lives in (from the "0::" line of /proc/PID/cgroup)."""
+def v2_cgroup_rel(pid: int) -> str | None:
+    """`pid`'s v2 cgroup as /proc/PID/cgroup's "0::" line names it, relative to the v2 root
+    ("" for the root itself); None if it is in no v2 hierarchy. CgroupError if the process is
+    gone. Lean on purpose: the fanotify gate asks it for every unwatched opener of a marked file."""
     try:
-        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        fd = os.open(f"/proc/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
     except (FileNotFoundError, ProcessLookupError) as e:
         raise CgroupError(f"no process {pid}") from e
-    for line in lines:
-        if line.startswith("0::"):
-            rel = line[3:].removesuffix(" (deleted)").lstrip("/")
-            return find_v2_mount() / rel if rel else find_v2_mount()
-    raise CgroupError(f"process {pid} is not in a cgroup v2 hierarchy")
+    try:
+        data = os.read(fd, 65536)
+    finally:
+        os.close(fd)
+    for line in data.split(b"\n"):
+        if line.startswith(b"0::"):
+            return os.fsdecode(line[3:].removesuffix(b" (deleted)").strip(b"/"))
+    return None
+
+
+def cgroup_of_pid(pid: int) -> Path:
+    """The v2 cgroup directory `pid` lives in (from the "0::" line of /proc/PID/cgroup)."""
+    rel = v2_cgroup_rel(pid)
+    if rel is None:
+        raise CgroupError(f"process {pid} is not in a cgroup v2 hierarchy")
+    return find_v2_mount() / rel if rel else find_v2_mount()
 
 
 def is_within(path: Path, ancestor: Path) -> bool:

@@ -337,36 +337,25 @@ def _expanded(pattern: str, variants: dict[str, tuple[str, ...]], notes: list[st
 
 
 def watched_by_cgroup(cgroup_path: Path) -> Callable[[int], bool]:
-    """is_watched(tid): the thread's v2 cgroup is `cgroup_path` or beneath it (what
-    `cgroups.cgroup_of_pid` + `cgroups.is_within` say, on the raw "0::" line). A thread that is
-    gone, or outside our pid namespace (tid 0), counts as watched (see the module doc).
-
-    Every unwatched opener of a marked file waits for this answer, so it is lean: the v2 mount is
-    looked up once (`cgroup_of_pid` re-reads mountinfo, ~40 us here) and no Path is built."""
+    """is_watched(tid): the thread's v2 cgroup is `cgroup_path` or beneath it (compared as
+    /proc/TID/cgroup names it: the v2 mount is looked up once, not per opener). A thread that is
+    gone, or outside our pid namespace (tid 0), counts as watched (see the module doc)."""
     root = cgroups.find_v2_mount()
     watched = Path(os.path.normpath(cgroup_path))
     if not cgroups.is_within(watched, root):
         raise GateError(f"{cgroup_path} is not in the cgroup v2 filesystem (mounted at {root})")
-    rel = b"" if watched == root else os.fsencode(watched.relative_to(root))
-    line = b"0::/" + rel  # the cgroup's line in /proc/TID/cgroup
-    below = line.rstrip(b"/") + b"/"
+    rel = "" if watched == root else str(watched.relative_to(root))
 
     def is_watched(tid: int) -> bool:
         if tid <= 0:
             return True
         try:
-            fd = os.open(f"/proc/{tid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
-        except (FileNotFoundError, ProcessLookupError):
-            return True
-        try:
-            data = os.read(fd, 65536)
-        finally:
-            os.close(fd)
-        for entry in data.split(b"\n"):
-            if entry.startswith(b"0::"):
-                entry = entry.removesuffix(b" (deleted)")
-                return entry == line or entry.startswith(below)
-        raise GateError(f"thread {tid} is in no cgroup v2 hierarchy")
+            mine = cgroups.v2_cgroup_rel(tid)
+        except cgroups.CgroupError:
+            return True  # gone
+        if mine is None:
+            raise GateError(f"thread {tid} is in no cgroup v2 hierarchy")
+        return not rel or mine == rel or mine.startswith(rel + "/")
 
     return is_watched
 
@@ -385,6 +374,21 @@ def proc_open_flags(tid: int) -> int | None:
     """The open(2) flags of the syscall thread `tid` is blocked in, from /proc/TID/syscall (its
     number and register arguments); None if unknown (not an open we know, openat2, gone).
     A 32-bit (compat) task reports its own numbers: none of them is an x86_64 open, so unknown."""
+    call = _syscall_of(tid)
+    if call is None:
+        return None
+    nr, args = call
+    if nr in _EXECS.get(_ARCH, ()):
+        return os.O_RDONLY
+    if nr == _CREAT.get(_ARCH):
+        return os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    index = _OPEN_FLAG_ARG.get(_ARCH, {}).get(nr)
+    return None if index is None else args[index] & 0xFFFFFFFF
+
+
+def _syscall_of(tid: int) -> tuple[int, list[int]] | None:
+    """(number, register arguments) of the syscall `tid` is blocked in, from /proc/TID/syscall;
+    None when gone, "running", or a kernel thread (io_uring workers among them)."""
     try:
         fd = os.open(f"/proc/{tid}/syscall", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -396,26 +400,15 @@ def proc_open_flags(tid: int) -> int | None:
     finally:
         os.close(fd)
     try:
-        nr = int(fields[0])
-        args = [int(a, 16) for a in fields[1:7]]
+        return int(fields[0]), [int(a, 16) for a in fields[1:7]]
     except (ValueError, IndexError):
-        return None  # "running", or a kernel thread (io_uring workers among them)
-    if nr in _EXECS.get(_ARCH, ()):
-        return os.O_RDONLY
-    if nr == _CREAT.get(_ARCH):
-        return os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    index = _OPEN_FLAG_ARG.get(_ARCH, {}).get(nr)
-    return None if index is None else args[index] & 0xFFFFFFFF
+        return None
 
 
 def _execing(tid: int) -> bool:
     """Is `tid` inside execve/execveat (its open of the program is the exec's own)?"""
-    try:
-        with open(f"/proc/{tid}/syscall", "rb") as f:
-            nr = f.read(32).split(maxsplit=1)[0]
-        return int(nr) in _EXECS.get(_ARCH, ())
-    except (OSError, ValueError, IndexError):
-        return False
+    call = _syscall_of(tid)
+    return call is not None and call[0] in _EXECS.get(_ARCH, ())
 
 
 def opens_for_write(flags: int | None) -> bool:
