@@ -12,10 +12,10 @@ import argparse
 import random
 import time
 
-from ebpf_guard.engine import Engine
 from ebpf_guard.events import CREATE, READ, TRUNCATE, WRITE, Event, Kind
 from ebpf_guard.paths import DEFAULT_POLICY
 from ebpf_guard.policy import load_policy, parse_policy
+from ebpf_guard.policy.engine import Engine
 
 HOME = "/home/dev"
 WS = "/home/dev/project"

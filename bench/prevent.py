@@ -37,9 +37,9 @@ from ebpf_guard.enforce import cgroups  # noqa: E402
 from ebpf_guard.enforce.egress import Egress, plan_egress  # noqa: E402
 from ebpf_guard.enforce.gates import FileGate, plan_gates, watched_by_cgroup  # noqa: E402
 from ebpf_guard.enforce.jail import jail_preexec, landlock_abi, plan_jail  # noqa: E402
-from ebpf_guard.identities import compile_identities  # noqa: E402
 from ebpf_guard.paths import POLICY_DIR  # noqa: E402
 from ebpf_guard.policy import load_policy, parse_policy  # noqa: E402
+from ebpf_guard.policy.identities import compile_identities  # noqa: E402
 from ebpf_guard.sensor import Sensor  # noqa: E402
 
 # argv: op target n [port]. Prints: ops cpu_ns. Ops: open_ro, open_wr, getppid, sendto.

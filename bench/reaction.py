@@ -59,12 +59,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ebpf_guard.auditlog import VerdictLog, verify_log  # noqa: E402
 from ebpf_guard.enforce import cgroups  # noqa: E402
 from ebpf_guard.enforce.actuator import Actuator  # noqa: E402
-from ebpf_guard.engine import Engine  # noqa: E402
 from ebpf_guard.events import NOTE_KILLED, Kind  # noqa: E402
 from ebpf_guard.guard import Guard  # noqa: E402
 from ebpf_guard.output import Printer  # noqa: E402
 from ebpf_guard.paths import DEFAULT_POLICY  # noqa: E402
 from ebpf_guard.policy import load_policy  # noqa: E402
+from ebpf_guard.policy.engine import Engine  # noqa: E402
 from ebpf_guard.redact import Redactor  # noqa: E402
 from ebpf_guard.sensor import Sensor  # noqa: E402
 from ebpf_guard.verdicts import Decision, Verdict  # noqa: E402

@@ -32,6 +32,9 @@
 #define EG_DENY_WRITE 2        /* writes, truncation, unlink, rename of or over it, link of it */
 #define EG_DENY_EXEC 4         /* exec, mmap(PROT_EXEC), and any open (no copy, no ld.so) */
 #define EG_RATE_EXEMPT 8       /* a directory: deletions below it do not count */
+#define EG_HOLD_EXEC 16        /* exec passes (the sensor holds it until decided); any other open
+                                  of it is denied (no copy, no ld.so) */
+#define EG_FMODE_EXEC 0x20     /* __FMODE_EXEC in file.f_flags: set only by the kernel's exec open */
 
 /* Denial counters, by hook (lsm.py HOOKS, same order). */
 #define H_FILE_OPEN 0
@@ -187,6 +190,8 @@ LSM_PROBE(file_open, void *file)
     u8 f = file_flags(file);
     if (f & (EG_DENY_OPEN | EG_DENY_EXEC))
         return deny(H_FILE_OPEN);
+    if ((f & EG_HOLD_EXEC) && !(ku32(file, OFF(file, f_flags)) & EG_FMODE_EXEC))
+        return deny(H_FILE_OPEN);
 #ifdef EG_OFF_file__f_mode
     if ((f & EG_DENY_WRITE) && (ku32(file, OFF(file, f_mode)) & EG_FMODE_WRITE))
         return deny(H_FILE_OPEN);
@@ -290,7 +295,7 @@ LSM_PROBE(path_link, void *old_dentry, void *new_dir, void *new_dentry)
 {
     if (!watched())
         return 0;
-    if (dentry_flags(old_dentry) & (EG_DENY_OPEN | EG_DENY_WRITE | EG_DENY_EXEC))
+    if (dentry_flags(old_dentry) & (EG_DENY_OPEN | EG_DENY_WRITE | EG_DENY_EXEC | EG_HOLD_EXEC))
         return deny(H_LINK);
     return 0;
 }

@@ -370,7 +370,7 @@ def _probe_layers():
 
 def _explain(policy, layers, workspace: Path | None, mode: str | None, markdown: bool) -> None:
     from ebpf_guard.enforce.explain import explain, render
-    from ebpf_guard.identities import local_homes
+    from ebpf_guard.policy.identities import local_homes
 
     ws = str((workspace or Path.cwd()).resolve())
     rows = explain(policy, layers, workspace=ws, homes=local_homes(), mode=Mode(mode) if mode else None)

@@ -330,9 +330,9 @@ def _explain_default_policy(echo: Callable[[str], None], checks: dict[str, Check
     contains (`ebpf-guard check --explain POLICY` for another policy or workspace)."""
     from ebpf_guard.enforce.explain import HostLayers, explain, render
     from ebpf_guard.enforce.jail import landlock_support
-    from ebpf_guard.identities import local_homes
     from ebpf_guard.paths import POLICY_DIR
     from ebpf_guard.policy import PolicyError, load_policy
+    from ebpf_guard.policy.identities import local_homes
 
     def ok(name: str) -> bool:
         return name in checks and checks[name].status in (OK, AVAIL)

@@ -23,9 +23,9 @@ from ebpf_guard.auditlog import AuditLogError, VerdictLog, record_for
 from ebpf_guard.enforce import cgroups
 from ebpf_guard.enforce.actuator import Actuator, ActuatorError, release_process
 from ebpf_guard.enforce.prevention import Prevention
-from ebpf_guard.engine import Engine
 from ebpf_guard.events import NOTE_HELD, NOTE_RATE_HELD, Event
 from ebpf_guard.output import Printer
+from ebpf_guard.policy.engine import Engine
 from ebpf_guard.recording import Recorder
 from ebpf_guard.verdicts import Decision, Mode, Verdict
 

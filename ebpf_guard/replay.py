@@ -6,9 +6,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ebpf_guard.engine import Engine
 from ebpf_guard.events import Event
 from ebpf_guard.policy import load_policy
+from ebpf_guard.policy.engine import Engine
 from ebpf_guard.recording import HostUpdate, read_recording
 from ebpf_guard.verdicts import Decision, Mode, Verdict
 

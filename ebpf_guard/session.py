@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 from ebpf_guard import host
 from ebpf_guard.enforce import cgroups
 from ebpf_guard.enforce.prevention import Prevention, gate_record
-from ebpf_guard.identities import local_homes
 from ebpf_guard.policy import Policy
+from ebpf_guard.policy.identities import local_homes
 from ebpf_guard.runtime.watchdog import Watchdog, WatchdogError
 from ebpf_guard.verdicts import Mode, Verdict
 
@@ -111,11 +111,11 @@ class Session:
         from ebpf_guard.approvals import ApprovalDesk, ApprovalError
         from ebpf_guard.auditlog import DEFAULT_LOG, AuditLogError, VerdictLog
         from ebpf_guard.enforce.actuator import Actuator
-        from ebpf_guard.engine import Engine
         from ebpf_guard.guard import Guard
         from ebpf_guard.hosts import HostResolver
-        from ebpf_guard.identities import compile_identities
         from ebpf_guard.output import Printer
+        from ebpf_guard.policy.engine import Engine
+        from ebpf_guard.policy.identities import compile_identities
         from ebpf_guard.recording import Recorder
         from ebpf_guard.redact import Redactor
         from ebpf_guard.sensor import Sensor, SensorError

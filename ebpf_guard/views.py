@@ -31,10 +31,10 @@ from ebpf_guard.events import (
     Event,
     Kind,
 )
-from ebpf_guard.identities import Identities
-from ebpf_guard.matchers import basename, canonical_ip
 from ebpf_guard.options import ParsedArgs, parse_argv
 from ebpf_guard.pathnames import normalize
+from ebpf_guard.policy.identities import Identities
+from ebpf_guard.policy.matchers import basename, canonical_ip
 
 CUT_MARK = "…"  # the sensor's prefix of a path whose kernel walk hit a bound
 # Kinds the policy `default` applies to when judged as themselves; the new kinds are judged by

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from ebpf_guard.enforce.egress import COUNT, DENY, TRIP, Egress, EgressError, plan_egress
-from ebpf_guard.engine import Engine
 from ebpf_guard.events import Event, Kind
 from ebpf_guard.paths import POLICY_DIR
 from ebpf_guard.policy import Policy, load_policy, parse_policy
+from ebpf_guard.policy.engine import Engine
 from ebpf_guard.verdicts import Mode, Verdict
 from tests.conftest import requires_bpf
 from tests.netns import NetnsHost

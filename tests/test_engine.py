@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from ebpf_guard.engine import Engine
 from ebpf_guard.events import CREATE, READ, TRUNCATE, WRITE, Event, Kind
 from ebpf_guard.paths import POLICY_DIR
 from ebpf_guard.policy import load_policy, parse_policy
+from ebpf_guard.policy.engine import Engine
 from ebpf_guard.verdicts import Mode, Scope, Verdict
 
 HOME = "/home/dev"

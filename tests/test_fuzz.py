@@ -38,7 +38,6 @@ from hypothesis import strategies as st
 
 from ebpf_guard import policy as pol
 from ebpf_guard.cli import main
-from ebpf_guard.engine import Engine
 from ebpf_guard.events import (
     ARG_LEN,
     KIND_CODES,
@@ -50,6 +49,7 @@ from ebpf_guard.events import (
     RawExecEvent,
 )
 from ebpf_guard.policy import Policy, PolicyError, load_policy, parse_policy
+from ebpf_guard.policy.engine import Engine
 from ebpf_guard.sensor import DecodeError, Sensor
 from ebpf_guard.sensor.decode import _HDR
 from ebpf_guard.sensor.decode import _PATH_KINDS as PATH_KINDS

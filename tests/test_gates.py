@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from ebpf_guard.enforce import cgroups, gates
-from ebpf_guard.identities import compile_identities
 from ebpf_guard.policy import load_policy, parse_policy
+from ebpf_guard.policy.identities import compile_identities
 from ebpf_guard.verdicts import Mode
 from tests.helpers import REPO, scaled
 
@@ -299,7 +299,7 @@ def test_a_halt_or_ask_tool_is_exec_held_not_refused_but_never_copied(tool: Path
 SPAWNS_GATED_TOOL = """
 import subprocess, sys
 from ebpf_guard.enforce import gates
-from ebpf_guard.identities import compile_identities
+from ebpf_guard.policy.identities import compile_identities
 from ebpf_guard.policy import parse_policy
 tool, marker = sys.argv[1:]
 policy = parse_policy(f"version: 1\\nrules:\\n  - name: t\\n    exec: {{path: {tool}}}\\n    verdict: KILL\\n")

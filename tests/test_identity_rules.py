@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from ebpf_guard.engine import Engine
 from ebpf_guard.events import NOTE_PATH_TRUNCATED, READ, WRITE, Event, Kind
-from ebpf_guard.identities import Binary, Identities, compile_identities
 from ebpf_guard.options import parse_argv
 from ebpf_guard.paths import POLICY_DIR
 from ebpf_guard.policy import PolicyError, load_policy, parse_policy
+from ebpf_guard.policy.engine import Engine
+from ebpf_guard.policy.identities import Binary, Identities, compile_identities
 from ebpf_guard.verdicts import Mode, Verdict
 from tests.test_engine import DEFAULT_CASES, HOME, HOMES, WS, connect, ev, exec_, open_, unlink
 

@@ -31,9 +31,9 @@ from ebpf_guard.enforce.lsm import (
     lsm_status,
     plan_lsm,
 )
-from ebpf_guard.identities import compile_identities
 from ebpf_guard.paths import DEFAULT_POLICY
 from ebpf_guard.policy import load_policy
+from ebpf_guard.policy.identities import compile_identities
 from tests.conftest import BCC_PROBLEM
 from tests.helpers import scaled, wait_for
 
@@ -81,11 +81,12 @@ def test_plan_from_default_policy(fake_home: Path, tmp_path: Path) -> None:
     assert plan.unlink_rate == (3, 10_000_000_000)  # mass-delete
     assert _inode(Path("/tmp")) in plan.rate_exempt_dirs
     assert _inode(Path("/etc/passwd")) in plan.deny_write_inodes
-    for tool in ("curl", "wget"):  # exfil-tool: names only; recursive-rm (flags) must not list rm
+    for tool in ("curl", "wget"):  # exfil-tool (HALT, names only): exec held, not denied
         if shutil.which(tool):
-            assert _inode(Path(os.path.realpath(shutil.which(tool)))) in plan.deny_exec_inodes
-    rm = shutil.which("rm")
-    assert rm is None or _inode(Path(os.path.realpath(rm))) not in plan.deny_exec_inodes
+            inode = _inode(Path(os.path.realpath(shutil.which(tool))))
+            assert inode in plan.hold_exec_inodes and inode not in plan.deny_exec_inodes
+    rm = shutil.which("rm")  # recursive-rm judges flags: not the kernel's
+    assert rm is None or _inode(Path(os.path.realpath(rm))) not in plan.deny_exec_inodes | plan.hold_exec_inodes
     flags = plan.inode_flags()
     assert flags[key] == DENY_OPEN | DENY_WRITE and flags[config] == DENY_WRITE
     assert any(line.startswith("deny open: ") and "id_ed25519" in line for line in plan.describe())
@@ -120,7 +121,8 @@ class Setup:
     home: Path
     key: Path
     config: Path
-    tool: Path
+    tool: Path  # in the plan's deny_exec (a KILL tool)
+    held_tool: Path  # in its hold_exec (a HALT/ASK tool)
     base: Path
     enforcer: LsmEnforcer
 
@@ -142,14 +144,17 @@ def lsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     config.write_bytes(CONFIG_BYTES)
     tool = base / "tool"
     shutil.copy2("/usr/bin/touch", tool)  # a program whose running leaves a marker file
+    held_tool = base / "held-tool"
+    shutil.copy2("/usr/bin/touch", held_tool)
     cg = cgroups.create_cgroup(cgroups.find_v2_mount(), f"ebpf-guard-test-{uuid.uuid4().hex[:10]}")
     policy = load_policy(DEFAULT_POLICY, identities=False)
     plan = plan_lsm(policy, workspace=str(base / "ws"), homes=[str(home)])
-    plan = replace(plan, deny_exec_inodes=plan.deny_exec_inodes | {_inode(tool)})
+    plan = replace(plan, deny_exec_inodes=plan.deny_exec_inodes | {_inode(tool)},
+                   hold_exec_inodes=plan.hold_exec_inodes | {_inode(held_tool)})
     enforcer = LsmEnforcer([cg], plan)
     try:
         enforcer.start()
-        yield Setup(cg, home, key, config, tool, base, enforcer)
+        yield Setup(cg, home, key, config, tool, held_tool, base, enforcer)
     finally:
         enforcer.close()
         cgroups.remove_cgroup(cg, timeout=scaled(5))
@@ -209,6 +214,21 @@ def test_listed_tool_never_runs(lsm: Setup, tmp_path: Path) -> None:
     assert r.returncode != 0 and not (tmp_path / "copy").exists()
     assert not marker.exists()
     assert lsm.run([str(lsm.tool), str(marker)], watched=False).returncode == 0  # unwatched: runs
+    assert marker.exists()
+
+
+@requires_lsm
+def test_held_tool_execs_but_is_not_copied(lsm: Setup, tmp_path: Path) -> None:
+    # A HALT/ASK tool's exec passes into the sensor's exec hold (not loaded here, so it runs);
+    # the ways around a hold by identity (a copy under another name, ld.so TOOL) are refused.
+    marker = tmp_path / "ran"
+    r = lsm.run([LDSO, str(lsm.held_tool), str(marker)])
+    assert r.returncode != 0 and not marker.exists()
+    r = lsm.run(["cp", str(lsm.held_tool), str(tmp_path / "copy")])
+    assert r.returncode != 0 and not (tmp_path / "copy").exists()
+    r = lsm.run(["ln", str(lsm.held_tool), str(tmp_path / "link")])
+    assert r.returncode != 0 and not (tmp_path / "link").exists()
+    assert lsm.run([str(lsm.held_tool), str(marker)]).returncode == 0  # the exec itself
     assert marker.exists()
 
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from ebpf_guard.engine import Engine
 from ebpf_guard.events import Kind
 from ebpf_guard.paths import POLICY_DIR
 from ebpf_guard.policy import PolicyError, PolicyIssue, load_policy, parse_duration, parse_policy
+from ebpf_guard.policy.engine import Engine
 from ebpf_guard.verdicts import Mode, Scope, Verdict
 
 

@@ -9,10 +9,10 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ebpf_guard.matchers import PathIndex, expand_vars, glob_match
 from ebpf_guard.options import TABLES, parse_argv
 from ebpf_guard.pathnames import normalize
 from ebpf_guard.policy import MAX_DURATION_S, _valid_host, parse_duration
+from ebpf_guard.policy.matchers import PathIndex, expand_vars, glob_match
 
 NAME = st.text(alphabet="abc.-_", min_size=1, max_size=4)
 SEGMENT = st.one_of(NAME, st.sampled_from(["", ".", "..", "..."]))

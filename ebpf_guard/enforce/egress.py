@@ -31,9 +31,9 @@ from typing import Any
 from ebpf_guard import host
 from ebpf_guard.enforce import cgroups
 from ebpf_guard.events import Kind
-from ebpf_guard.matchers import canonical_ip, parse_network
 from ebpf_guard.paths import BPF_DIR
 from ebpf_guard.policy import Policy, Rule
+from ebpf_guard.policy.matchers import canonical_ip, parse_network
 from ebpf_guard.verdicts import Mode, Verdict
 
 SOURCE = BPF_DIR / "egress.c"

@@ -13,8 +13,8 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from ebpf_guard.events import Kind
-from ebpf_guard.matchers import expand_all, literal_dir
 from ebpf_guard.pathnames import normalize
+from ebpf_guard.policy.matchers import expand_all, literal_dir
 from ebpf_guard.verdicts import Mode, Verdict
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def explain(policy: Policy, host: HostLayers, *, workspace: str, homes: list[str
     from ebpf_guard.enforce.egress import EgressError, plan_egress
     from ebpf_guard.enforce.gates import plan_gates
     from ebpf_guard.enforce.jail import plan_jail
-    from ebpf_guard.engine import Engine
+    from ebpf_guard.policy.engine import Engine
 
     policy = replace(policy, mode=mode or policy.mode)
     engine = Engine(policy, workspace=workspace, home_of=lambda _uid: homes[0] if homes else None)
@@ -141,6 +141,12 @@ def _lsm_use(rule: Rule, rate_rule: Rule | None) -> list[tuple[str, str]]:
     m, deny = rule.match, rule.verdict in (Verdict.KILL, Verdict.HALT)
     if rule is rate_rule:
         return [(f"BPF-LSM: EPERM for deletions after {rule.rate.count if rule.rate else 0}", PREVENTS)]
+    conditions = m.args_any or m.args_regex or m.flags or m.operands or m.operands_not or m.paths_not
+    if rule.kind in (Kind.EXEC, Kind.MMAP_EXEC) and not conditions and rule.rate is None:
+        if rule.verdict is Verdict.KILL:
+            return [("BPF-LSM: EPERM for exec, mmap and open of the binaries", PREVENTS)]
+        if rule.verdict in (Verdict.HALT, Verdict.ASK):
+            return [("BPF-LSM: EPERM for opens of the binaries other than exec (copy, ld.so)", PREVENTS)]
     if not deny or rule.rate is not None:
         return []
     if rule.kind is Kind.OPEN and m.paths:
@@ -148,9 +154,6 @@ def _lsm_use(rule: Rule, rate_rule: Rule | None) -> list[tuple[str, str]]:
         return [(f"BPF-LSM: EPERM for {what} of the files existing at start", PREVENTS)]
     if rule.kind in _WRITE_KINDS and m.paths:
         return [("BPF-LSM: EPERM for changes to the files existing at start", PREVENTS)]
-    conditions = m.args_any or m.args_regex or m.flags or m.operands or m.operands_not or m.paths_not
-    if rule.kind is Kind.EXEC and not conditions:
-        return [("BPF-LSM: EPERM for exec, mmap and open of the binaries", PREVENTS)]
     return []
 
 

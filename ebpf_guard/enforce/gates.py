@@ -50,9 +50,9 @@ from typing import TYPE_CHECKING
 from ebpf_guard.enforce import cgroups
 from ebpf_guard.enforce import fanotify as fan
 from ebpf_guard.events import READ, Kind
-from ebpf_guard.identities import EMPTY, Identities
-from ebpf_guard.matchers import GlobError, GlobSet, compile_glob, expand_all, glob_kind, is_literal, literal_dir
 from ebpf_guard.pathnames import normalize
+from ebpf_guard.policy.identities import EMPTY, Identities
+from ebpf_guard.policy.matchers import GlobError, GlobSet, compile_glob, expand_all, glob_kind, is_literal, literal_dir
 from ebpf_guard.verdicts import Mode, Verdict
 
 if TYPE_CHECKING:

@@ -50,8 +50,8 @@ from typing import Any
 
 from ebpf_guard.enforce.seccomp import SeccompError, SyscallFilter
 from ebpf_guard.events import CREATE, TRUNCATE, WRITE, Kind
-from ebpf_guard.matchers import GlobError, compile_glob, expand_vars, glob_kind, is_literal, literal_dir
 from ebpf_guard.policy import Policy, Rule
+from ebpf_guard.policy.matchers import GlobError, compile_glob, expand_vars, glob_kind, is_literal, literal_dir
 from ebpf_guard.verdicts import Mode, Verdict
 
 # Landlock's syscalls have these numbers on every architecture (added after the unification).

@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 from ebpf_guard import host
 from ebpf_guard.enforce import cgroups as cg
 from ebpf_guard.events import READ, Kind
-from ebpf_guard.identities import Identities, Inode, compile_identities, local_homes
-from ebpf_guard.matchers import GlobError, expand_all, glob_kind, literal_dir
 from ebpf_guard.pathnames import normalize
 from ebpf_guard.paths import BPF_DIR
+from ebpf_guard.policy.identities import Identities, Inode, compile_identities, local_homes
+from ebpf_guard.policy.matchers import GlobError, expand_all, glob_kind, literal_dir
 from ebpf_guard.sensor.btf import VMLINUX_BTF, BtfError, kernel_layouts
 from ebpf_guard.sensor.decode import kernel_dev
 from ebpf_guard.verdicts import Verdict
@@ -48,7 +48,7 @@ MAX_CGROUPS = 8  # bpf/lsm.c EG_MAX_CGROUPS
 RATE_SLOTS = 1024  # bpf/lsm.c EG_RATE_SLOTS: the largest deletion count the kernel can hold
 MAX_INODES = 16384  # bpf/lsm.c: entries of the inodes map
 # Flags of an entry in the kernel's inodes map (bpf/lsm.c EG_DENY_* / EG_RATE_EXEMPT).
-DENY_OPEN, DENY_WRITE, DENY_EXEC, RATE_EXEMPT = 1, 2, 4, 8
+DENY_OPEN, DENY_WRITE, DENY_EXEC, RATE_EXEMPT, HOLD_EXEC = 1, 2, 4, 8, 16
 # The kernel's denial counters, by index (bpf/lsm.c H_*).
 HOOKS = ("file_open", "file_permission", "bprm_check_security", "mmap_file", "path_unlink",
          "path_rmdir", "path_rename", "path_truncate", "file_truncate", "path_link", "task_kill")
@@ -56,7 +56,10 @@ HOOKS = ("file_open", "file_permission", "bprm_check_security", "mmap_file", "pa
 WRITE_KINDS = frozenset({Kind.UNLINK, Kind.RENAME, Kind.TRUNCATE, Kind.LINK})
 _PROGRAM_KINDS = frozenset({Kind.EXEC, Kind.MMAP_EXEC})
 _DENY_VERDICTS = frozenset({Verdict.KILL, Verdict.HALT})
-_EXEC_DENY_VERDICTS = frozenset({Verdict.KILL, Verdict.HALT, Verdict.ASK})
+# KILL tools never run; HALT and ASK tools exec into the sensor's hold, so that an operator's
+# resume or approval runs them (as the fanotify gate does), and only their other opens are denied.
+_EXEC_DENY_VERDICTS = frozenset({Verdict.KILL})
+_EXEC_HOLD_VERDICTS = frozenset({Verdict.HALT, Verdict.ASK})
 
 _BPF_PROG_LOAD = 5
 _BPF_PROG_TYPE_LSM = 29
@@ -148,6 +151,7 @@ class LsmPlan:
     deny_open_inodes: frozenset[Inode] = frozenset()  # any open, and read/write through old fds
     deny_write_inodes: frozenset[Inode] = frozenset()  # write, truncate, unlink, rename, link
     deny_exec_inodes: frozenset[Inode] = frozenset()  # exec, mmap(PROT_EXEC), and any open
+    hold_exec_inodes: frozenset[Inode] = frozenset()  # any open but exec's own (held by the sensor)
     unlink_rate: tuple[int, int] | None = None  # (count, window_ns) of deletions before EPERM
     rate_exempt_dirs: frozenset[Inode] = frozenset()  # deletions below these are not counted
     notes: tuple[str, ...] = ()  # what the kernel cannot enforce of the policy
@@ -159,15 +163,17 @@ class LsmPlan:
             if not 1 <= count <= RATE_SLOTS or window_ns <= 0:
                 raise LsmError(f"unlink_rate {self.unlink_rate}: the count must be 1..{RATE_SLOTS} "
                                "and the window positive")
-        entries = len(self.deny_open_inodes | self.deny_write_inodes | self.deny_exec_inodes | self.rate_exempt_dirs)
+        entries = len(self.deny_open_inodes | self.deny_write_inodes | self.deny_exec_inodes
+                      | self.hold_exec_inodes | self.rate_exempt_dirs)
         if entries > MAX_INODES:
             raise LsmError(f"{entries} inodes in the plan; the kernel map holds {MAX_INODES}")
 
     def inode_flags(self) -> dict[Inode, int]:
-        """Each planned inode -> its DENY_*/RATE_EXEMPT flags (the kernel map's values)."""
+        """Each planned inode -> its DENY_*/HOLD_EXEC/RATE_EXEMPT flags (the kernel map's values)."""
         flags: dict[Inode, int] = {}
         for inodes, flag in ((self.deny_open_inodes, DENY_OPEN), (self.deny_write_inodes, DENY_WRITE),
-                             (self.deny_exec_inodes, DENY_EXEC), (self.rate_exempt_dirs, RATE_EXEMPT)):
+                             (self.deny_exec_inodes, DENY_EXEC), (self.hold_exec_inodes, HOLD_EXEC),
+                             (self.rate_exempt_dirs, RATE_EXEMPT)):
             for inode in inodes:
                 flags[inode] = flags.get(inode, 0) | flag
         return flags
@@ -180,6 +186,7 @@ class LsmPlan:
         lines = [f"deny open: {name(i)}" for i in sorted(self.deny_open_inodes)]
         lines += [f"deny write: {name(i)}" for i in sorted(self.deny_write_inodes)]
         lines += [f"deny exec: {name(i)}" for i in sorted(self.deny_exec_inodes)]
+        lines += [f"exec held, other opens denied: {name(i)}" for i in sorted(self.hold_exec_inodes)]
         if self.unlink_rate:
             count, window_ns = self.unlink_rate
             lines.append(f"deletions: EPERM after {count} within {window_ns / 1e9:g}s until reset")
@@ -192,7 +199,8 @@ def plan_lsm(policy: Policy, identities: Identities | None = None, *, workspace:
     """The LsmPlan of `policy` on this host. Protected files come from the KILL/HALT file rules
     (open rules with a read access, or none, deny every open; write-only open rules and
     unlink/rename/truncate/link rules deny modification); tools from exec rules that judge the
-    program alone (KILL/HALT/ASK, no rate, no argument conditions); the deletion limit from the
+    program alone (KILL: exec denied; HALT/ASK: exec held, copies and ld.so denied; no rate, no
+    argument conditions); the deletion limit from the
     first unlink rule with a rate. `identities` supplies the tools (computed when None);
     `workspace` and `homes` expand `{workspace}`/`{home}` as compile_identities does."""
     homes = list(homes) if homes is not None else None
@@ -203,13 +211,15 @@ def plan_lsm(policy: Policy, identities: Identities | None = None, *, workspace:
     read_rules, write_rules = _file_rules(policy)
     open_files = _files_of(policy, read_rules, ws, homes, notes)
     write_files = _files_of(policy, write_rules, ws, homes, notes)
-    exec_inodes, exec_paths = _tool_inodes(policy, identities, notes)
+    exec_inodes, exec_paths = _tool_inodes(policy, identities, notes, _EXEC_DENY_VERDICTS)
+    hold_inodes, hold_paths = _tool_inodes(policy, identities, notes, _EXEC_HOLD_VERDICTS)
     rate, exempt, exempt_paths = _unlink_rate(policy, ws, homes, notes)
     return LsmPlan(
         deny_open_inodes=frozenset(open_files), deny_write_inodes=frozenset(write_files),
-        deny_exec_inodes=frozenset(exec_inodes), unlink_rate=rate, rate_exempt_dirs=frozenset(exempt),
+        deny_exec_inodes=frozenset(exec_inodes), hold_exec_inodes=frozenset(hold_inodes - exec_inodes),
+        unlink_rate=rate, rate_exempt_dirs=frozenset(exempt),
         notes=tuple(dict.fromkeys(notes)),
-        paths={**exempt_paths, **exec_paths, **write_files, **open_files},
+        paths={**exempt_paths, **hold_paths, **exec_paths, **write_files, **open_files},
     )
 
 
@@ -241,12 +251,13 @@ def _files_of(policy: Policy, rules: list[Rule], ws: str | None, homes: list[str
     return dict(found.files)
 
 
-def _tool_inodes(policy: Policy, identities: Identities, notes: list[str]) -> tuple[set[Inode], dict[Inode, str]]:
-    """Inodes of the programs that exec rules forbid outright (the rule needs nothing but the program)."""
+def _tool_inodes(policy: Policy, identities: Identities, notes: list[str], verdicts: frozenset[Verdict]
+                 ) -> tuple[set[Inode], dict[Inode, str]]:
+    """Inodes of the programs that exec rules with one of `verdicts` judge by the program alone."""
     inodes: set[Inode] = set()
     paths: dict[Inode, str] = {}
     for rule in policy.rules:
-        if rule.kind not in _PROGRAM_KINDS or rule.verdict not in _EXEC_DENY_VERDICTS or rule.rate is not None:
+        if rule.kind not in _PROGRAM_KINDS or rule.verdict not in verdicts or rule.rate is not None:
             continue
         m = rule.match
         if m.args_any or m.args_regex or m.flags or m.operands or m.operands_not or m.paths_not:

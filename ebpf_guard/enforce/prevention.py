@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from ebpf_guard.enforce import cgroups
 from ebpf_guard.events import READ, WRITE, Event, Kind
-from ebpf_guard.identities import local_homes
+from ebpf_guard.policy.identities import local_homes
 from ebpf_guard.verdicts import Decision, Mode
 
 if TYPE_CHECKING:

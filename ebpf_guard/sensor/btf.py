@@ -64,8 +64,8 @@ _EXPECT: dict[str, str | int] = {
     "mount.mnt": "struct vfsmount", "mount.mnt_parent": "*", "mount.mnt_mountpoint": "*",
     "fs_struct.root": "struct path", "fs_struct.pwd": "struct path",
     "mm_struct.exe_file": "*",
-    # BPF-LSM (bpf/lsm.c): a file opened for writing, and the program an exec checks.
-    "file.f_mode": 4, "linux_binprm.file": "*",
+    # BPF-LSM (bpf/lsm.c): a file opened for writing or by exec, and the program an exec checks.
+    "file.f_mode": 4, "file.f_flags": 4, "linux_binprm.file": "*",
 }
 # (struct, member) pairs the BPF programs need.
 FIELDS: tuple[tuple[str, str], ...] = tuple((k.split(".")[0], k.split(".")[1]) for k in _EXPECT)

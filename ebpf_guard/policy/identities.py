@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 
 from ebpf_guard.events import Kind
 from ebpf_guard.files import sha256_of
-from ebpf_guard.matchers import (
+from ebpf_guard.pathnames import normalize
+from ebpf_guard.policy.matchers import (
     GlobError,
     compile_glob,
     expand_all,
@@ -38,7 +39,6 @@ from ebpf_guard.matchers import (
     literal_dir,
     variables_in,
 )
-from ebpf_guard.pathnames import normalize
 from ebpf_guard.verdicts import Verdict
 
 if TYPE_CHECKING:

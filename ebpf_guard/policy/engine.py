@@ -2,7 +2,7 @@
 
 Pure by design: no I/O, no clock (event timestamps are the only time), no root. Anything
 about the host arrives injected: `home_of(uid)`, the identities computed when the policy
-loaded (identities.py: protected inodes, listed programs) and the DNS answers in
+loaded (policy/identities.py: protected inodes, listed programs) and the DNS answers in
 `set_host_addresses()`. The same event sequence therefore always yields the same
 decisions, which is what `replay` relies on.
 
@@ -29,8 +29,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ebpf_guard.events import NOTE_KILLED, Event, Kind
-from ebpf_guard.identities import EMPTY, Identities, Inode
-from ebpf_guard.matchers import (
+from ebpf_guard.pathnames import normalize
+from ebpf_guard.policy import Policy, Rule
+from ebpf_guard.policy.identities import EMPTY, Identities, Inode
+from ebpf_guard.policy.matchers import (
     AddrIndex,
     GlobSet,
     PathIndex,
@@ -43,8 +45,6 @@ from ebpf_guard.matchers import (
     parse_network,
     variables_in,
 )
-from ebpf_guard.pathnames import normalize
-from ebpf_guard.policy import Policy, Rule
 from ebpf_guard.verdicts import Decision, Mode, Scope, Verdict
 from ebpf_guard.views import View, read_event
 
@@ -420,7 +420,7 @@ class Engine:
     def kernel_exec_inodes(self) -> tuple[frozenset[Inode], frozenset[Inode]]:
         """(kill, hold): the (st_dev, st_ino) of the binaries the same rules as
         `kernel_exec_kills()` (kill) and `kernel_exec_gates()` (hold) name, as found when the
-        policy loaded (identities.py: PATH lookup, symlinks resolved; multi-call binaries such
+        policy loaded (policy/identities.py: PATH lookup, symlinks resolved; multi-call binaries such
         as busybox left out). The kernel checks them at exec (the file that runs, whatever its
         name: a hard link, a renamed path) and at mmap(PROT_EXEC) (`ld.so /usr/bin/curl`).
         Name globs count too: identities expanded them on the host. Recompute after

@@ -21,8 +21,8 @@ import yaml
 
 from ebpf_guard.events import CREATE, READ, TRUNCATE, WRITE, Kind
 from ebpf_guard.files import read_regular
-from ebpf_guard.identities import Identities, compile_identities
-from ebpf_guard.matchers import (
+from ebpf_guard.policy.identities import Identities, compile_identities
+from ebpf_guard.policy.matchers import (
     VARIABLES,
     GlobError,
     compile_glob,
@@ -246,7 +246,7 @@ class Policy:
 
 def load_policy(path: str | Path, *, identities: bool = True) -> Policy:
     """Parse and validate a policy file and (unless `identities=False`) compute its host
-    identities for the policy's workspace and the local users' homes: see identities.py. A
+    identities for the policy's workspace and the local users' homes: see policy/identities.py. A
     caller with another workspace recomputes them with `compile_identities()`."""
     path = Path(path)
     try:
