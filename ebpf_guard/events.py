@@ -92,6 +92,12 @@ class Event:
     real_args: tuple[str, ...] = ()
     target_pid: int = 0  # ptrace: the process asked for
     via: str = ""  # connect: "connect", "sendto" or "sendmsg" (a destination without connect)
+    # connect: the socket's protocol as the kernel knows it: "tcp", "udp", "raw" (inet), or
+    # "stream", "dgram", "seqpacket" (unix); "" unknown.
+    protocol: str = ""
+    # open: this open created the file (FMODE_CREATED); an O_TRUNC open that did not create
+    # it emptied an existing file.
+    created: bool = False
 
     @property
     def proc_key(self) -> tuple[int, int]:
