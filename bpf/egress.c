@@ -6,8 +6,10 @@
 //
 // The policy is compiled in Python (ebpf_guard/enforce/egress.py): every address prefix the
 // policy names is a key of an LPM trie whose value says, per port range, what the kernel does.
-// Prefixes are nested or disjoint, so the longest matching prefix alone decides. Only struct
-// bpf_sock_addr (uapi, stable) is read; no other kernel layout.
+// Prefixes are nested or disjoint, so the longest matching prefix alone decides. The action is
+// a word of 4-bit nibbles, one per protocol class of the socket (eg_class: a rule with
+// `protocol: [udp]` holds for UDP sockets only). Only struct bpf_sock_addr (uapi, stable) is
+// read; no other kernel layout.
 #include <uapi/linux/bpf.h>
 
 #define EG_MAX_SEGS 16      // port ranges per prefix (segments that differ from `base`)
@@ -27,6 +29,16 @@
 #define EG_C_COUNTED 3   // counted towards the burst
 #define EG_C_PINNED 4    // allowed by the operator (Egress.allow) over a policy deny
 #define EG_NCOUNTERS 5
+
+// Protocol classes: the nibble of the action word that applies. The same names, in the same
+// order, as enforce/egress.py PROTOCOLS; the same mapping as sensor/decode.py socket_protocol().
+#define EG_P_TCP 0
+#define EG_P_UDP 1
+#define EG_P_RAW 2
+#define EG_P_ICMP 3
+#define EG_P_SCTP 4
+#define EG_P_OTHER 5
+#define EG_CLASS_BITS 4
 
 struct eg_key4 {
     u32 prefixlen;
@@ -131,7 +143,24 @@ static __always_inline int eg_burst_exceeded(struct eg_config *cfg)
     return 0;
 }
 
-static __always_inline int eg_decide(struct eg_dest *d, struct eg_pin *pin)
+// The socket's protocol class, from its type and IPPROTO_* (bpf_sock_addr.type, .protocol).
+static __always_inline u32 eg_class(struct bpf_sock_addr *ctx)
+{
+    u32 type = ctx->type, proto = ctx->protocol;
+    if (proto == 132)                                       // IPPROTO_SCTP
+        return EG_P_SCTP;
+    if (type == 3)                                          // SOCK_RAW
+        return EG_P_RAW;
+    if (type == 1 && (proto == 6 || proto == 262))          // SOCK_STREAM: TCP, MPTCP
+        return EG_P_TCP;
+    if (type == 2 && (proto == 17 || proto == 136))         // SOCK_DGRAM: UDP, UDP-Lite
+        return EG_P_UDP;
+    if (type == 2 && (proto == 1 || proto == 58))           // SOCK_DGRAM: ping (ICMP, ICMPv6)
+        return EG_P_ICMP;
+    return EG_P_OTHER;
+}
+
+static __always_inline int eg_decide(struct bpf_sock_addr *ctx, struct eg_dest *d, struct eg_pin *pin)
 {
     u32 zero = 0;
     eg_bump(EG_C_SEEN);
@@ -139,7 +168,7 @@ static __always_inline int eg_decide(struct eg_dest *d, struct eg_pin *pin)
     if (!cfg || !cfg->enforce)
         return 1;
     // Python always installs a /0 entry: a miss means the maps are not filled in; fail closed.
-    u32 act = d ? eg_port_action(d, pin->port) : EG_DENY;
+    u32 act = d ? (eg_port_action(d, pin->port) >> (EG_CLASS_BITS * eg_class(ctx))) & 0xf : EG_DENY;
     if (act & EG_DENY) {
         if (!eg_pins.lookup(pin)) {
             eg_bump(EG_C_DENIED);
@@ -160,7 +189,7 @@ static __always_inline int eg_judge4(struct bpf_sock_addr *ctx)
     struct eg_key4 key = {.prefixlen = 32, .addr = ctx->user_ip4};
     struct eg_pin pin = {.family = 4, .port = bpf_ntohs((u16)ctx->user_port)};
     pin.addr[0] = key.addr;
-    return eg_decide(eg_v4.lookup(&key), &pin);
+    return eg_decide(ctx, eg_v4.lookup(&key), &pin);
 }
 
 static __always_inline int eg_judge6(struct bpf_sock_addr *ctx)
@@ -177,14 +206,14 @@ static __always_inline int eg_judge6(struct bpf_sock_addr *ctx)
         pin.addr[0] = pin.addr[3];
         pin.addr[2] = 0;
         pin.addr[3] = 0;
-        return eg_decide(eg_m4.lookup(&key), &pin);
+        return eg_decide(ctx, eg_m4.lookup(&key), &pin);
     }
     struct eg_key6 key = {.prefixlen = 128};
     key.addr[0] = pin.addr[0];
     key.addr[1] = pin.addr[1];
     key.addr[2] = pin.addr[2];
     key.addr[3] = pin.addr[3];
-    return eg_decide(eg_v6.lookup(&key), &pin);
+    return eg_decide(ctx, eg_v6.lookup(&key), &pin);
 }
 
 int egress_connect4(struct bpf_sock_addr *ctx) { return eg_judge4(ctx); }

@@ -51,6 +51,8 @@
 #define EG_F_SENDMSG 0x800   /* connect kind: a sendmsg() with msg_name */
 #define EG_F_BY_INODE 0x1000 /* exec/mmap: KILLED or HELD because the file's inode is listed */
 #define EG_F_RATE_HELD 0x2000 /* unlink: the deletion rate crossed its threshold: SIGSTOP + held mark */
+#define EG_F_CREATED 0x4000  /* open: this open created the file (FMODE_CREATED in f_mode at exit) */
+#define EG_F_NOTHING_CUT 0x8000 /* ftruncate: at entry the file had no bytes past the new length */
 
 /* Values of the exec_names / exec_paths maps: what the kernel does at exec entry. */
 #define EG_EXEC_KILL 1       /* SIGKILL: the exec is aborted, the program never runs */
@@ -115,6 +117,11 @@ struct ev_connect {
     __u32 addrlen; /* as passed to connect() */
     __u8 addr[16]; /* IPv4 in the first 4 bytes */
     char unix_path[EG_UNIX_PATH_LEN];
+    /* The socket behind fd, read in the kernel (BTF); all 0 when unknown (no BTF, not a
+     * socket). In what was the struct's tail padding: the size is unchanged. */
+    __u8 sk_family;    /* sock_common.skc_family: AF_UNIX / AF_INET / AF_INET6 */
+    __u8 sk_type;      /* socket.type: SOCK_STREAM 1, SOCK_DGRAM 2, SOCK_RAW 3, SOCK_SEQPACKET 5 */
+    __u16 sk_protocol; /* sock.sk_protocol: IPPROTO_* */
 };
 
 /* Scope configuration, one entry in an array map, rewritten from Python. Watched cgroups

@@ -20,4 +20,11 @@ static __always_inline u32 ku32(void *base, u32 off)
     return v;
 }
 
+static __always_inline u16 ku16(void *base, u32 off)
+{
+    u16 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), (char *)base + off);
+    return v;
+}
+
 #endif

@@ -37,6 +37,12 @@
 #define EG_PTRACE_ATTACH 16
 #define EG_PTRACE_SEIZE 0x4206
 #define EG_MAX_DEPTH 40      /* dentries + mount crossings walked per path */
+#define EG_S_IFMT 0170000
+#define EG_S_IFSOCK 0140000
+/* include/linux/fs.h: 0x100000 since 4.19 (FMODE_CREATED), also as (1 << 20) after 6.9's
+ * rewrite of the FMODE_* list; checked against 6.1's headers and by tests/test_sensor_facts.py
+ * on 6.18. */
+#define EG_FMODE_CREATED 0x100000
 
 /* Layout cross-check with the ctypes mirror (values passed by the loader). */
 _Static_assert(sizeof(struct ev_hdr) == PY_SIZEOF_HDR, "ev_hdr != events.RawEvent");
@@ -273,6 +279,10 @@ static __always_inline u32 walk_path(struct walk_buf *wb, struct kpath *p, u32 *
         w->off = off;
         u32 at = off & (EG_REAL_LEN - 1);
         wb->b[at] = '/';
+        /* The clamp above lets clang drop a mask here, and 6.12's verifier then loses the
+         * unsigned bound (Debian 13: "R2 unbounded memory access"); the empty asm hides the
+         * value from clang, so the mask stays in the program. */
+        asm volatile("" : "+r"(len));
         bpf_probe_read_kernel(&wb->b[at + 1], len & 255, name);
         w->dentry = (u64)parent;
     }
@@ -296,6 +306,28 @@ static __always_inline u32 walk_into(char *dst, struct kpath *p, u32 *cut)
     u32 n = (EG_REAL_LEN - start) & (EG_REAL_LEN - 1);
     bpf_probe_read_kernel(dst, n, &wb->b[start]);
     return n;
+}
+
+/* The socket behind fd: its family, type and protocol, left 0 when fd is no socket. A socket's
+ * file has a sockfs inode (S_IFSOCK) and its private_data is the struct socket, which points
+ * back at the file (a socket file on disk opened with O_PATH has the mode but no socket). */
+static __always_inline void sock_of_fd(int fd, struct ev_connect *ev)
+{
+    void *file = file_of_fd(fd);
+    if (!file)
+        return;
+    void *inode = kptr(file, OFF(file, f_inode));
+    if (!inode || (ku16(inode, OFF(inode, i_mode)) & EG_S_IFMT) != EG_S_IFSOCK)
+        return;
+    void *sock = kptr(file, OFF(file, private_data));
+    if (!sock || kptr(sock, OFF(socket, file)) != file)
+        return;
+    void *sk = kptr(sock, OFF(socket, sk));
+    if (!sk)
+        return;
+    ev->sk_type = (u8)ku16(sock, OFF(socket, type));
+    ev->sk_family = (u8)ku16(sk, OFF(sock, __sk_common) + OFF(sock_common, skc_family));
+    ev->sk_protocol = ku16(sk, OFF(sock, sk_protocol));
 }
 
 static __always_inline u32 real_parent_tgid(void)
@@ -720,8 +752,14 @@ static __always_inline int open_exit(void *ctx, long ret)
         return 0;
     ev->h.ret = ret;
 #ifdef EG_HAVE_BTF
-    if (ret >= 0)
-        set_real_file(ev, file_of_fd((int)ret));
+    if (ret >= 0) {
+        void *file = file_of_fd((int)ret);
+        set_real_file(ev, file);
+        /* Set by the open that created the file (O_CREAT of a new name), not by one that
+         * found it: an O_TRUNC open without it emptied an existing file. */
+        if (file && (ku32(file, OFF(file, f_mode)) & EG_FMODE_CREATED))
+            ev->h.flags |= EG_F_CREATED;
+    }
 #endif
     return emit_stashed(ctx, ev, 0);
 }
@@ -887,7 +925,16 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ftruncate)
     if (!ev)
         return 0;
 #ifdef EG_HAVE_BTF
-    set_real_file(ev, file_of_fd((int)args->fd));
+    void *file = file_of_fd((int)args->fd);
+    set_real_file(ev, file);
+    /* The size before the call: by its exit the cut bytes are gone. */
+    void *inode = file ? kptr(file, OFF(file, f_inode)) : 0;
+    if (inode) {
+        s64 size = 0;
+        bpf_probe_read_kernel(&size, sizeof(size), (char *)inode + OFF(inode, i_size));
+        if (size <= (s64)args->length)
+            ev->h.flags |= EG_F_NOTHING_CUT;
+    }
 #endif
     u64 id = bpf_get_current_pid_tgid();
     stash.update(&id, ev);
@@ -1004,6 +1051,12 @@ static __always_inline int dest_event(void *ctx, int fd, const char *ua, u32 add
     ev->family = family;
     ev->addrlen = addrlen;
     ev->port = 0;
+    ev->sk_family = 0;
+    ev->sk_type = 0;
+    ev->sk_protocol = 0;
+#ifdef EG_HAVE_BTF
+    sock_of_fd(fd, ev); /* which protocol: a policy may allow DNS over UDP and not over TCP */
+#endif
     if (family == EG_AF_INET) {
         bpf_probe_read_user(&ev->port, 2, ua + 2);   /* sockaddr_in.sin_port */
         bpf_probe_read_user(ev->addr, 4, ua + 4);    /* sin_addr */

@@ -202,6 +202,13 @@ def record_for(
         "prevented": decision.prevented,
         "event": event_record(decision.event),
     }
+    # The deciding rule's tags and severity (policy/ RuleDecision); plain Decisions have none.
+    tags = getattr(decision, "tags", ())
+    if tags:
+        rec["tags"] = list(tags)
+    severity = getattr(decision, "severity", "")
+    if severity:
+        rec["severity"] = severity
     if incident is not None:
         rec["incident"] = str(incident)
     for k, v in (extra or {}).items():

@@ -352,9 +352,25 @@ def check(policies, explain, markdown, workspace, mode) -> None:
                            f"programs by inode and hash: {tools or 'none'}")
                 for note in ids.notes:
                     click.echo(f"  note: {note}")
+            for note in policy.notes:
+                click.echo(f"  note: {note}")
             if host_layers is not None:
                 _explain(policy, host_layers, workspace, mode, markdown)
     sys.exit(EXIT_USAGE if bad else EXIT_OK)
+
+
+@main.command()
+def schema() -> None:
+    """Print the JSON Schema (draft 2020-12) of the policy format, for editors.
+
+    Generated from the tables `check` validates against; `check` also validates what needs
+    the whole extends chain (list names, globs, rules that only override a base rule).
+    """
+    import json
+
+    from ebpf_guard.policy.schema import policy_schema
+
+    click.echo(json.dumps(policy_schema(), indent=2))
 
 
 def _probe_layers():

@@ -92,7 +92,7 @@ class Event:
     real_args: tuple[str, ...] = ()
     target_pid: int = 0  # ptrace: the process asked for
     via: str = ""  # connect: "connect", "sendto" or "sendmsg" (a destination without connect)
-    # connect: the socket's protocol as the kernel knows it: "tcp", "udp", "raw" (inet), or
+    # connect: the socket's protocol as the kernel knows it: "tcp", "udp", "raw", "icmp", "sctp" (inet), or
     # "stream", "dgram", "seqpacket" (unix); "" unknown.
     protocol: str = ""
     # open: this open created the file (FMODE_CREATED); an O_TRUNC open that did not create
@@ -162,6 +162,8 @@ F_SENDTO = 0x400
 F_SENDMSG = 0x800
 F_BY_INODE = 0x1000
 F_RATE_HELD = 0x2000
+F_CREATED = 0x4000  # open: FMODE_CREATED at exit (Event.created)
+F_NOTHING_CUT = 0x8000  # ftruncate: no bytes past the new length at entry (NOTE_NOTHING_CUT)
 
 # exec_names / exec_paths map values (EG_EXEC_*)
 EXEC_KILL = 1
@@ -174,6 +176,9 @@ NOTE_RATE_HELD = "rate_held_in_kernel"  # unlink: the kernel's rate rule stopped
 NOTE_UNRESOLVED = "path_unresolved"  # relative path whose base (cwd/dirfd) was unknown
 NOTE_PATH_TRUNCATED = "path_truncated"  # the kernel path buffer filled up (PATH_LEN)
 NOTE_PROC_UNKNOWN = "proc_unknown"  # ppid/start_ns not known (process gone before /proc read)
+# ftruncate: the kernel saw no bytes past the new length when the call began: nothing was cut.
+# Its absence proves nothing (no BTF, truncate(path), or bytes were cut).
+NOTE_NOTHING_CUT = "nothing_cut"
 
 
 class RawEvent(_ct.Structure):
@@ -246,4 +251,7 @@ class RawConnectEvent(_ct.Structure):
         ("addrlen", _ct.c_uint32),
         ("addr", _ct.c_uint8 * 16),
         ("unix_path", _ct.c_char * UNIX_PATH_LEN),
+        ("sk_family", _ct.c_uint8),  # the socket behind fd (BTF); 0 = unknown
+        ("sk_type", _ct.c_uint8),
+        ("sk_protocol", _ct.c_uint16),
     ]

@@ -53,6 +53,8 @@ class Entry:
     process: str  # "comm[tgid] uid N"
     what: str  # "exec /usr/bin/curl [curl …]"
     incident: str | None
+    severity: str = ""  # the rule's (policy `severity`, else the verdict's); "" in older logs
+    tags: list[str] = field(default_factory=list)  # the rule's `tags`
 
 
 @dataclass(slots=True)
@@ -421,7 +423,8 @@ def build_report(log_paths: list[Path], *, last_hours: float | None,
         seq = rec.get("seq") if isinstance(rec.get("seq"), int) else None
         timeline.append(Entry(ts, seq, verdict, rule, _s(rec.get("reason")), _s(rec.get("mode")),
                               _s(rec.get("action")), _process(ev), describe(ev),
-                              _s(rec.get("incident")) or None))
+                              _s(rec.get("incident")) or None, _s(rec.get("severity")),
+                              [_s(t) for t in _list(rec.get("tags"))]))
         if rec.get("incident") and _s(rec["incident"]) not in seen_incidents:
             seen_incidents.add(_s(rec["incident"]))
             incidents.append(_incident(rec, ts, log_dir))
@@ -499,6 +502,9 @@ def render_text(r: Report) -> str:
                    f"{clean(e.process):<{proc_w}}  {clean(e.what)}  -> {clean(e.action) or '-'}")
         if e.reason:
             out.append(f"      why: {clean(e.reason)}")
+        if e.severity or e.tags:
+            out.append(f"      severity {clean(e.severity) or '-'}"
+                       + (f", tags: {clean(', '.join(e.tags))}" if e.tags else ""))
     if not r.timeline:
         out.append("  (none)")
     for inc in r.incidents:
@@ -619,6 +625,13 @@ def _html_incident(inc: Incident) -> str:
     return "".join(parts) + "</details></div>"
 
 
+def _html_tags(e: Entry) -> str:
+    if not (e.severity or e.tags):
+        return ""
+    tags = f", tags: {_e(', '.join(e.tags))}" if e.tags else ""
+    return f"<br><small>severity {_e(e.severity or '-')}{tags}</small>"
+
+
 def render_html(r: Report) -> str:
     colours = "".join(f".v-{v}{{background:{c}}}" for v, c in _COLOURS.items())
     total = max(sum(r.verdicts.values()), 1)
@@ -631,7 +644,7 @@ def render_html(r: Report) -> str:
         for rule, c in r.rules.items()])
     timeline = _table(["Time (UTC)", "Verdict", "Rule", "Process", "What", "Action"], [
         [_td(_when(e.ts), "nowrap"), f"<td>{_badge(e.verdict)}</td>",
-         f'<td class="mono">{_e(e.rule)}<br><small>{_e(e.reason)}</small></td>',
+         f'<td class="mono">{_e(e.rule)}<br><small>{_e(e.reason)}</small>{_html_tags(e)}</td>',
          _td(e.process, "mono"), _td(e.what, "mono"), _td(e.action)] for e in r.timeline])
     done = _table(["Time (UTC)", "Kind", "What"], [
         [_td(_when(d.ts), "nowrap"), f"<td>{_e(d.kind)}&nbsp;{_badge(d.verdict)}</td>",

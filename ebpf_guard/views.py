@@ -9,7 +9,12 @@ several things, and each is judged (the most severe verdict wins, docs/policy.md
     an exec rule names (a renamed copy, a hard link, `ld.so /usr/bin/curl`);
   - what a file operation amounts to: rename = the source deleted and the destination written,
     link = the source read and the new name created, symlink = the target read and the link
-    created, truncate = a write that truncates, mmap(PROT_EXEC) = an exec of the file mapped.
+    created, truncate = a write that truncates, mmap(PROT_EXEC) = an exec of the file mapped;
+  - destruction (`destroy:` rules): an unlink of a file, a truncate, an O_TRUNC open of a file
+    that existed.
+
+A process's own /proc entries read as /proc/self (its threads' as /proc/thread-self), whether
+requested by number or resolved by the kernel: rules say "itself" and "the others".
 
 Events from old recordings carry none of the new fields: they have exactly one view, the one
 the engine always judged, so they are decided as before.
@@ -18,6 +23,7 @@ the engine always judged, so they are decided as before.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +39,7 @@ from ebpf_guard.events import (
 )
 from ebpf_guard.options import ParsedArgs, parse_argv
 from ebpf_guard.pathnames import normalize
+from ebpf_guard.policy import DESTROY, RuleKind
 from ebpf_guard.policy.identities import Identities
 from ebpf_guard.policy.matchers import basename, canonical_ip
 
@@ -54,7 +61,7 @@ class View:
     destination it names. Owns what the matchers need about that reading, computed once."""
 
     ev: Event
-    kind: Kind  # the rule kind this view is judged by
+    kind: RuleKind  # the rule kind this view is judged by
     path: str | None  # normalised; a tail ("…/a/b") when cut; unix socket path (connect)
     cwd: str | None = None
     access: frozenset[str] = frozenset()  # open-kind views
@@ -69,6 +76,7 @@ class View:
     argv_from: int = 0  # where this program's argv starts in the event's (a loader's: 1 or more)
     ip: Any = None
     hosts: frozenset[str] = frozenset()
+    ancestors: tuple[str, ...] = ()  # exes above the process, parent first (the engine's tree)
     _opts: ParsedArgs | None = None
 
     @property
@@ -103,8 +111,26 @@ class View:
         return out
 
 
-def read_event(ev: Event, ids: Identities, ip_hosts: dict[Any, frozenset[str]]) -> list[View]:
-    """Every view of `ev` (never empty); the first is the plain reading of the event."""
+def read_event(
+    ev: Event, ids: Identities, ip_hosts: dict[Any, frozenset[str]], *, destroy: bool = False,
+    same_tree: Callable[[int], bool] | None = None,
+) -> list[View]:
+    """Every view of `ev` (never empty); the first is the plain reading of the event. With
+    `destroy`, an event that destroys a file's content is also read as a `destroy:` event: an
+    unlink, a truncate, or an O_TRUNC open that did not create the file. `same_tree(pid)`: is
+    that process in the event's own process tree (its /proc entries then read as /proc/self)."""
+    views = _read(ev, ids, ip_hosts, same_tree)
+    k = ev.kind
+    if destroy and (k is Kind.UNLINK or k is Kind.TRUNCATE
+                    or (k is Kind.OPEN and TRUNCATE in views[0].access and not ev.created)):
+        # Native: destroy rate rules count it (once, however many readings of the file).
+        views += [View(ev, DESTROY, v.path, v.cwd, cut=v.cut, default=False, why=v.why)
+                  for v in views if v.kind is ev.kind and v.native]  # fmt: skip
+    return views
+
+
+def _read(ev: Event, ids: Identities, ip_hosts: dict[Any, frozenset[str]],
+          same_tree: Callable[[int], bool] | None = None) -> list[View]:
     k = ev.kind
     cwd = ev.cwd or None
     if k is Kind.CONNECT:  # sendto/sendmsg with a destination: judged exactly like a connect
@@ -118,7 +144,7 @@ def read_event(ev: Event, ids: Identities, ip_hosts: dict[Any, frozenset[str]]) 
         return [View(ev, k, exe, cwd, name=basename(exe) if exe else None, default=False)]
     if k is Kind.EXEC:
         return _exec(ev, ids, cwd)
-    obj = _object(ev, ev.raw_path, ev.path, ev.real_path, ev.path_cut)
+    obj = _object(ev, ev.raw_path, ev.path, ev.real_path, ev.path_cut, same_tree)
     if k in (Kind.OPEN, Kind.UNLINK):
         acc = (ev.access or _access_from_flags(ev.flags)) if k is Kind.OPEN else frozenset()
         views = [View(ev, k, p, cwd, acc, cut=cut, why=why) for p, cut, why in obj]
@@ -131,7 +157,7 @@ def read_event(ev: Event, ids: Identities, ip_hosts: dict[Any, frozenset[str]]) 
         return views
     if k is Kind.MMAP_EXEC:
         return _mmap(ev, ids, obj, cwd)
-    dest = _object(ev, ev.dest_raw_path, ev.dest_path, ev.dest_real_path, False)
+    dest = _object(ev, ev.dest_raw_path, ev.dest_path, ev.dest_real_path, False, same_tree)
     if k is Kind.RENAME:
         # renameat2(RENAME_EXCHANGE) swaps the two names: each is moved away and replaced.
         gone, replaced = (obj + dest, obj + dest) if ev.flags & RENAME_EXCHANGE else (obj, dest)
@@ -149,7 +175,7 @@ def read_event(ev: Event, ids: Identities, ip_hosts: dict[Any, frozenset[str]]) 
                   for p, cut, _ in dest]  # fmt: skip
         return views
     if k is Kind.SYMLINK:
-        targets = _symlink_targets(ev, dest)
+        targets = _symlink_targets(ev, dest, same_tree)
         views = [_native(ev, p, cut, why, cwd) for p, cut, why in targets + dest]
         views += [_as(ev, Kind.OPEN, p, cut, "symlink made to it", cwd, frozenset({READ}))
                   for p, cut, _ in targets]  # fmt: skip
@@ -266,18 +292,21 @@ def _same_inode(
                       why=f"same file (inode) as {ev.path or ev.real_path or ev.raw_path}"))  # fmt: skip
 
 
-def _object(ev: Event, raw: str, path: str, real: str, real_cut: bool) -> list[Name]:
+def _object(ev: Event, raw: str, path: str, real: str, real_cut: bool,
+            same_tree: Callable[[int], bool] | None) -> list[Name]:
     """The readings of one object an event names: as requested (unless truncated), through
     /proc/PID/root, and as the kernel reached it. At least one; (None, True, ...) when
     nothing about it can be trusted."""
     out: list[Name] = []
     req = normalize(path) if path.startswith("/") else normalize(raw) if raw.startswith("/") else None
+    if req is not None:
+        req = _proc_self(req, ev, same_tree)
     if req is not None and NOTE_PATH_TRUNCATED not in ev.notes:
         out.append((req, False, ""))
         m = _PROC_ROOT.fullmatch(req)
         if m:  # the same tree if that process shares our root: judge it as that path too
             out.append((normalize(m.group(1) or "/"), False, f"requested {req}"))
-    r = _real(ev, real, real_cut)
+    r = _real(ev, real, real_cut, same_tree)
     if r is not None and not any(p == r[0] for p, _, _ in out):
         out.append((r[0], r[1], f"kernel-resolved; requested {req or raw or '(fd)'}"))
     if not out:  # the reason's {path} then shows the text as passed
@@ -285,7 +314,7 @@ def _object(ev: Event, raw: str, path: str, real: str, real_cut: bool) -> list[N
     return out
 
 
-def _real(ev: Event, real: str, cut: bool) -> tuple[str, bool] | None:
+def _real(ev: Event, real: str, cut: bool, same_tree: Callable[[int], bool] | None = None) -> tuple[str, bool] | None:
     """A kernel-resolved path: (normalised path, False), (tail, True) when cut, or None
     ("" or not a file path, e.g. "pipe:[123]")."""
     if not real:
@@ -294,28 +323,30 @@ def _real(ev: Event, real: str, cut: bool) -> tuple[str, bool] | None:
         return real, True
     if not real.startswith("/"):
         return None
-    return _proc_self(normalize(real), ev), False
+    return _proc_self(normalize(real), ev, same_tree), False
 
 
-def _proc_self(path: str, ev: Event) -> str:
+def _proc_self(path: str, ev: Event, same_tree: Callable[[int], bool] | None = None) -> str:
     """/proc/<own pid>/... as /proc/self/... (and the thread's as /proc/thread-self/...): the
-    kernel names the process, the policy names "itself"."""
+    kernel names the process, the policy names "itself". A process of the same tree (the
+    agent's own child reading its environ back) is "itself" too: what it holds, the tree gave it."""
     if not path.startswith("/proc/"):
         return path
     parts = path.split("/", 5)  # "", "proc", pid, rest...
-    if parts[2] != str(ev.tgid):
+    if parts[2] != str(ev.tgid) and not (
+            same_tree is not None and parts[2].isdigit() and same_tree(int(parts[2]))):
         return path
     if len(parts) > 4 and parts[3] == "task" and parts[4] == str(ev.pid):
         return "/proc/thread-self" + ("/" + parts[5] if len(parts) > 5 else "")
     return "/proc/self" + path[len("/proc/" + parts[2]) :]
 
 
-def _symlink_targets(ev: Event, links: list[Name]) -> list[Name]:
+def _symlink_targets(ev: Event, links: list[Name], same_tree: Callable[[int], bool] | None) -> list[Name]:
     """What a new symlink points to: its text, relative to the directory of the link."""
     text = ev.raw_path
     out: list[Name] = []
     if text.startswith("/"):
-        t = normalize(text)
+        t = _proc_self(normalize(text), ev, same_tree)
         out.append((t, False, ""))
         m = _PROC_ROOT.fullmatch(t)
         if m:

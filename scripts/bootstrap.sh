@@ -17,6 +17,9 @@ command -v apt-get >/dev/null || die "only Debian/Ubuntu (apt-get) hosts are sup
 KREL="$(uname -r)"
 ARCH="$(dpkg --print-architecture)"
 APT_PACKAGES=(python3-bpfcc python3-venv python3-pip iproute2 procps kmod util-linux ca-certificates curl git)
+# The benign corpus (tests/corpus/benign/) runs a coding agent's real tools: a C build, a wheel
+# built offline, npm from a local tarball (npm: only where no node install brings its own).
+CORPUS_PACKAGES=(build-essential python3-setuptools python3-wheel)
 # Only the HTML report render test needs a browser. On Ubuntu `chromium` is a snap shim that
 # fails in containers, so it is Debian-only; the test says so when it skips. bpftool: only the
 # BTF test's cross-check uses it (Ubuntu ships it inside linux-tools instead).
@@ -34,7 +37,8 @@ apt_install() {
 }
 
 setup_packages() {
-  apt_install "${APT_PACKAGES[@]}"
+  apt_install "${APT_PACKAGES[@]}" "${CORPUS_PACKAGES[@]}"
+  command -v npm >/dev/null || apt_install npm
   if grep -qi '^ID=debian' /etc/os-release; then
     apt_install "${OPTIONAL_PACKAGES[@]}" || say "optional packages unavailable: ${OPTIONAL_PACKAGES[*]} (the HTML render test and the bpftool cross-check will skip)"
   else

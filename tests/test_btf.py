@@ -31,8 +31,10 @@ KEYS = [f"{s}.{m}" for s, m in FIELDS]
 POINTERS = {"task_struct.real_parent", "task_struct.files", "task_struct.fs", "task_struct.mm", "files_struct.fdt",
             "fdtable.fd", "file.f_inode", "path.mnt", "path.dentry", "dentry.d_parent", "dentry.d_inode",
             "qstr.name", "inode.i_sb", "vfsmount.mnt_root", "mount.mnt_parent", "mount.mnt_mountpoint",
-            "mm_struct.exe_file"}
-INTS = {"task_struct.tgid": 4, "fdtable.max_fds": 4, "qstr.len": 4, "inode.i_ino": 8, "super_block.s_dev": 4}
+            "mm_struct.exe_file", "file.private_data", "socket.file", "socket.sk", "linux_binprm.file"}
+INTS = {"task_struct.tgid": 4, "fdtable.max_fds": 4, "qstr.len": 4, "inode.i_ino": 8, "super_block.s_dev": 4,
+        "file.f_mode": 4, "file.f_flags": 4, "inode.i_mode": 2, "inode.i_size": 8, "socket.type": 2,
+        "sock.sk_protocol": 2, "sock_common.skc_family": 2}
 
 
 # ------------------------------------------------------------------------------- a BTF builder
@@ -85,6 +87,7 @@ def kernel_like(*, mm_exe_file: bool = True, tgid_size: int = 4, f_path_pointer:
     a type, a FWD and a decoy struct before the real ones, and records of every variable size."""
     b = Blob()
     u32, u64, void_p = b.int("unsigned int", 4), b.int("long long unsigned int", 8), b.ptr()
+    u16 = b.int("short unsigned int", 2)
     b.add(6, "state", 2, 4, struct.pack("=Ii", b._name("A"), 0) + struct.pack("=Ii", b._name("B"), 1))  # ENUM
     b.add(13, "", 1, 0, struct.pack("=II", 0, u32))  # FUNC_PROTO
     b.add(19, "big", 1, 8, struct.pack("=III", b._name("C"), 1, 0))  # ENUM64
@@ -111,10 +114,15 @@ def kernel_like(*, mm_exe_file: bool = True, tgid_size: int = 4, f_path_pointer:
     b.struct("fdtable", 16, [("max_fds", u32, 0), ("fd", void_p, 8)])
     b.struct("file", 40, [("f_inode", void_p, 32)])  # decoy: same name, lacks f_path
     f_path = b.ptr(path) if f_path_pointer else b.typedef("path_t", path)
-    b.struct("file", 80, [("f_mode", u32, 16), ("f_inode", void_p, 32), ("f_path", f_path, 64)])
+    b.struct("file", 80, [("f_mode", u32, 16), ("f_flags", u32, 20), ("private_data", void_p, 24),
+                          ("f_inode", void_p, 32), ("f_path", f_path, 64)])
     b.struct("linux_binprm", 24, [("buf", u64, 0), ("file", void_p, 8)])
     b.struct("dentry", 56, [("d_parent", void_p, 24), ("d_name", qstr, 32), ("d_inode", void_p, 48)])
-    b.struct("inode", 72, [("i_sb", void_p, 40), ("i_ino", ino_t, 64)])
+    b.struct("inode", 72, [("i_mode", b.typedef("umode_t", u16), 0), ("i_sb", void_p, 40), ("i_size", u64, 48),
+                           ("i_ino", ino_t, 64)])
+    b.struct("socket", 32, [("state", u32, 0), ("type", u16, 4), ("file", void_p, 16), ("sk", void_p, 24)])
+    sock_common = b.struct("sock_common", 24, [("skc_hash", u32, 0), ("skc_family", u16, 16)])
+    b.struct("sock", 48, [("__sk_common", sock_common, 0), ("sk_protocol", u16, 40), ("sk_type", u16, 42)])
     # kind_flag: each member's offset word is (bitfield size << 24) | bit offset.
     b.struct("super_block", 24, [("s_bits", u32, (3 << 24) | 0), ("s_dev", u32, 16 * 8)], kind_flag=True)
     b.struct("mount", 48, [("mnt_parent", void_p, 16), ("mnt_mountpoint", void_p, 24), ("mnt", vfsmount, 32)])
@@ -131,7 +139,9 @@ CRAFTED = {"task_struct.real_parent": 16, "task_struct.tgid": 40, "task_struct.f
            "dentry.d_inode": 48, "qstr.len": 4, "qstr.name": 8, "inode.i_ino": 64, "inode.i_sb": 40,
            "super_block.s_dev": 16, "vfsmount.mnt_root": 0, "mount.mnt": 32, "mount.mnt_parent": 16,
            "mount.mnt_mountpoint": 24, "fs_struct.root": 24, "fs_struct.pwd": 40, "mm_struct.exe_file": 1312,
-           "file.f_mode": 16, "linux_binprm.file": 8}
+           "file.f_mode": 16, "file.f_flags": 20, "linux_binprm.file": 8, "file.private_data": 24,
+           "inode.i_mode": 0, "inode.i_size": 48, "socket.type": 4, "socket.file": 16, "socket.sk": 24,
+           "sock.__sk_common": 0, "sock.sk_protocol": 40, "sock_common.skc_family": 16}
 
 
 def write(tmp_path: Path, data: bytes) -> Path:
@@ -174,6 +184,12 @@ def test_offsets_measured_on_6_18(tmp_path: Path) -> None:
                                     "dentry.d_parent", "inode.i_ino")} == {
         "task_struct.real_parent": 1280, "task_struct.files": 1824, "task_struct.fs": 1816, "files_struct.fdt": 32,
         "fdtable.fd": 8, "file.f_inode": 32, "path.dentry": 8, "dentry.d_parent": 24, "inode.i_ino": 64}
+    # What a connect's protocol and an open's FMODE_CREATED are read through (issue #11).
+    assert {k: offsets[k] for k in ("file.f_mode", "file.private_data", "inode.i_mode", "inode.i_size",
+                                    "socket.type", "socket.file", "socket.sk", "sock.sk_protocol",
+                                    "sock_common.skc_family")} == {
+        "file.f_mode": 4, "file.private_data": 24, "inode.i_mode": 0, "inode.i_size": 80, "socket.type": 4,
+        "socket.file": 16, "socket.sk": 24, "sock.sk_protocol": 532, "sock_common.skc_family": 16}
 
 
 def _bpftool_offsets() -> dict[str, int]:

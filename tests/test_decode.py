@@ -10,19 +10,23 @@ import pytest
 
 from ebpf_guard.events import (
     F_BY_INODE,
+    F_CREATED,
     F_KILLED,
+    F_NOTHING_CUT,
     F_REAL,
     F_REAL2,
     F_REAL_CUT,
     F_SENDTO,
     KIND_CODES,
     NOTE_KILLED,
+    NOTE_NOTHING_CUT,
     Kind,
     RawConnectEvent,
+    RawEvent,
     RawExecEvent,
     RawPathEvent,
 )
-from ebpf_guard.sensor.decode import DecodeError, Decoder, kernel_dev, proc_alias, user_dev
+from ebpf_guard.sensor.decode import DecodeError, Decoder, kernel_dev, proc_alias, socket_protocol, user_dev
 from ebpf_guard.sensor.procfs import ProcModel, ProcState
 from ebpf_guard.sensor.transport import SensorStats
 
@@ -132,6 +136,56 @@ def test_sendto_is_a_connect_with_its_way_noted() -> None:
     ev.addr[:4] = [127, 0, 0, 2]
     out = decoder().decode(bytes(ev))
     assert (out.via, out.addr, out.port, out.flags) == ("sendto", "127.0.0.2", 80, 0x20000000)
+
+
+@pytest.mark.parametrize("sk,protocol", [
+    ((2, 1, 6), "tcp"), ((10, 1, 262), "tcp"), ((2, 2, 17), "udp"), ((10, 2, 136), "udp"), ((2, 3, 255), "raw"),
+    ((2, 2, 1), "icmp"), ((10, 2, 58), "icmp"), ((2, 1, 132), "sctp"), ((10, 5, 132), "sctp"),
+    ((1, 1, 0), "stream"), ((1, 2, 0), "dgram"), ((1, 5, 0), "seqpacket"),
+    ((0, 0, 0), ""), ((2, 2, 115), ""), ((2, 5, 0), ""), ((16, 3, 0), ""), ((1, 3, 0), ""),
+])
+def test_a_connect_names_its_sockets_protocol(sk: tuple[int, int, int], protocol: str) -> None:
+    ev = RawConnectEvent()
+    ev.h.kind, ev.h.tgid, ev.h.start_ns = CODE[Kind.CONNECT], TGID, 1
+    ev.family, ev.port = 2, 0x3500  # port 53 in network order
+    ev.addr[:4] = [127, 0, 0, 53]
+    ev.sk_family, ev.sk_type, ev.sk_protocol = sk
+    out = decoder().decode(bytes(ev))
+    assert (out.addr, out.port, out.protocol) == ("127.0.0.53", 53, protocol)
+    assert socket_protocol(*sk) == protocol
+
+
+def test_a_connect_record_without_the_socket_tail_has_no_protocol() -> None:
+    ev = RawConnectEvent()
+    ev.h.kind, ev.h.tgid, ev.h.start_ns, ev.family = CODE[Kind.CONNECT], TGID, 1, 2
+    ev.sk_family, ev.sk_type, ev.sk_protocol = 2, 1, 6
+    assert decoder().decode(bytes(ev)[: RawConnectEvent.sk_family.offset]).protocol == ""
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("flags,sc_flags,ret,created", [
+    (F_CREATED, 0o101, 3, True),  # O_CREAT of a new name
+    (0, 0o1101, 3, False),  # O_CREAT|O_TRUNC of an existing file: it was emptied, not made
+    (0, 0, 3, False),
+    (0, 0o20000002, 3, True),  # O_TMPFILE: always a new inode, never FMODE_CREATED
+    (0, 0o20000002, -95, False),  # ... unless it failed
+])
+def test_open_says_whether_it_created_the_file(fast: bool, flags: int, sc_flags: int, ret: int,
+                                               created: bool) -> None:
+    rec = bytearray(path_record(Kind.OPEN, path=b"/home/u/ws/f", real=b"/home/u/ws/f", flags=F_REAL | flags,
+                                ino=5, ret=ret))
+    RawEvent.from_buffer(rec).sc_flags = sc_flags  # the header leads every record
+    d = decoder()
+    if not fast:
+        d._model.procs.clear()  # the general path, not the open fast path
+    ev = d.decode(bytes(rec))
+    assert (ev.created, ev.flags) == (created, sc_flags)
+
+
+@pytest.mark.parametrize("flags,noted", [(F_NOTHING_CUT, True), (0, False)])
+def test_ftruncate_notes_when_nothing_was_cut(flags: int, noted: bool) -> None:
+    ev = decoder().decode(path_record(Kind.TRUNCATE, real=b"/home/u/ws/log", flags=F_REAL | flags, fd=4, ino=3))
+    assert (NOTE_NOTHING_CUT in ev.notes) is noted and ev.real_path == "/home/u/ws/log"
 
 
 @pytest.mark.parametrize("field,value", [("real_len", 512), ("real2_len", 4000)])

@@ -175,10 +175,19 @@ def test_plan_denies_exactly_what_the_engine_denies(source: str) -> None:
                 continue
             eng = _engine(policy, HOSTS)
             eng.evaluate(_connect(addr, port))
-            counted = bool(eng._rate_hits)  # the engine's own rate bookkeeping: did the rule count it?
+            counted = _rate_counted(eng)
             assert bool(action & COUNT) == counted, (addr, port)
             fired = [eng.evaluate(_connect(addr, port, t=i)) for i in range(1, rate.rate.count)][-1]  # type: ignore[union-attr]
             assert bool(action & TRIP) == (counted and fired.verdict in denies), (addr, port, fired)
+
+
+def _rate_counted(eng: Engine) -> bool:
+    """The engine's own rate bookkeeping (internals): did a rate rule count the event? Rate rules
+    count by rule index; FLAG escalation counts under a string key."""
+    hits = getattr(eng, "_rate_hits", None)
+    if hits is not None:
+        return bool(hits)
+    return any(isinstance(key, int) for key, _tree in eng._counters._hits)
 
 
 def test_plan_says_what_the_kernel_does_with_each_rule() -> None:
@@ -383,3 +392,26 @@ def test_operations_need_a_started_egress() -> None:
         eg.allow("10.0.0.1", 1)
     eg.close()
 
+
+
+def test_rules_the_kernel_cannot_judge_are_left_to_userspace() -> None:
+    """Who connects is not known to the hook: a deny for `comm: git` enforced for everyone would
+    refuse what the rule spares. A protocol of unix sockets only never names an IP destination."""
+    plan = plan_egress(parse_policy("""
+version: 1
+default: SAFE
+rules:
+  - name: git-only
+    connect: {addr: 192.0.2.7, comm: [git]}
+    verdict: KILL
+  - name: unix-only
+    connect: {protocol: [stream, dgram]}
+    verdict: KILL
+  - name: udp-53
+    connect: {port: 53, protocol: [udp]}
+    verdict: KILL
+"""))
+    assert {u.rule: u.kernel for u in plan.rules} == {"git-only": "userspace", "unix-only": "userspace",
+                                                      "udp-53": "deny"}
+    assert plan.decide("192.0.2.7", 443, "tcp") == 0 and plan.decide("192.0.2.7", 53, "tcp") == 0
+    assert plan.decide("192.0.2.7", 53, "udp") == DENY

@@ -189,14 +189,15 @@ def test_halt_is_logged_before_the_cgroup_is_frozen(tmp_cgroup, tmp_path, ws, ou
         assert_frozen_then_kill(run)
 
 
-def test_fast_deletes_are_halted(tmp_cgroup, tmp_path, ws):
+def test_fast_deletes_are_halted(tmp_cgroup, tmp_path, ws, outside):
+    # Outside the workspace: deleting there is work (issue 11), outside it is judged.
     for i in range(10):
-        (ws / f"f{i}.txt").write_text("x")
+        (outside / f"f{i}.txt").write_text("x")
     marker = tmp_path / "after-deletes"
     code = f"""
         import os, time
         for i in range(10):
-            os.unlink(os.path.join({str(ws)!r}, f"f{{i}}.txt"))
+            os.unlink(os.path.join({str(outside)!r}, f"f{{i}}.txt"))
             time.sleep({scaled(0.05)})
         open({str(marker)!r}, 'w')
     """
@@ -207,7 +208,7 @@ def test_fast_deletes_are_halted(tmp_cgroup, tmp_path, ws):
     assert not marker.exists()
     # Frozen right after the 3rd delete: within 2 of the agent's pauses (0.05 s each on real
     # hardware, the product requirement; stretched with the rest on slow hosts).
-    assert len(list(ws.glob("f*.txt"))) >= 6
+    assert len(list(outside.glob("f*.txt"))) >= 6
 
 
 def test_write_outside_workspace_is_halted(tmp_cgroup, tmp_path, ws, outside):
@@ -280,14 +281,14 @@ def test_connect_rule_by_host_name_uses_resolved_addresses(tmp_cgroup, tmp_path,
 
 
 # ----------------------------------------------------------------------------- FLAG
-def test_flags_are_logged_and_nothing_is_enforced(tmp_cgroup, tmp_path, ws):
+def test_flags_are_logged_and_nothing_is_enforced(tmp_cgroup, tmp_path, ws, outside):
     bindir = tmp_path / "bin"
     bindir.mkdir()
     (bindir / "sudo").write_text("#!/bin/sh\nexit 0\n")
     (bindir / "sudo").chmod(0o755)
-    (ws / ".env").write_text("TOKEN=x\n")
+    (outside / ".env").write_text("TOKEN=x\n")  # in the workspace, reading it is work
     (ws / "script.sh").write_text("echo\n")
-    cmd = ["sh", "-c", f"{bindir}/sudo true; chmod 777 {ws}/script.sh; cat {ws}/.env >/dev/null; exit 3"]
+    cmd = ["sh", "-c", f"{bindir}/sudo true; chmod 777 {ws}/script.sh; cat {outside}/.env >/dev/null; exit 3"]
     log = tmp_path / "v.jsonl"
     with GuardRun(tmp_cgroup, log, cmd, workspace=ws) as run:
         assert run.wait() == 3, run.err
@@ -320,12 +321,12 @@ def test_in_kernel_exec_kill_runs_no_instruction(tmp_cgroup, tmp_path, ws):
 
 # ----------------------------------------------------------------------------- modes
 def test_audit_mode_enforces_nothing_and_logs_the_same_verdicts(tmp_cgroup, tmp_path, ws, outside):
-    (ws / ".env").write_text("X=1\n")
+    (outside / ".env").write_text("X=1\n")
     for i in range(4):
-        (ws / f"d{i}").write_text("x")
+        (outside / f"d{i}").write_text("x")
     marker = tmp_path / "ran-to-the-end"
-    script = (f"cat {ws}/.env >/dev/null; curl --version >/dev/null; echo x > {outside}/o; "
-              f"rm {ws}/d0 {ws}/d1 {ws}/d2 {ws}/d3; touch {marker}")
+    script = (f"cat {outside}/.env >/dev/null; curl --version >/dev/null; echo x > {outside}/o; "
+              f"rm {outside}/d0 {outside}/d1 {outside}/d2 {outside}/d3; touch {marker}")
     log, rec = tmp_path / "audit.jsonl", tmp_path / "audit.rec"
     with GuardRun(tmp_cgroup, log, ["sh", "-c", script], mode="audit", workspace=ws,
                   extra=("--record", str(rec))) as run:
@@ -367,7 +368,7 @@ def test_benign_coding_session_gets_no_halt_or_kill(tmp_cgroup, tmp_path, ws):
 
 
 # ----------------------------------------------------------------------------- fail-closed log
-def test_unwritable_log_freezes_the_agent(tmp_cgroup, tmp_path, ws):
+def test_unwritable_log_freezes_the_agent(tmp_cgroup, tmp_path, ws, outside):
     """Fail-closed: in audit mode nothing is ever frozen, except when a record cannot be
     written. The log lives on a tiny tmpfs that the test fills up mid-run."""
     logdir = tmp_path / "tiny"
@@ -375,14 +376,14 @@ def test_unwritable_log_freezes_the_agent(tmp_cgroup, tmp_path, ws):
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(logdir)], check=True)
     try:
         go = tmp_path / "go"
-        (ws / ".env").write_text("X=1\n")
+        (outside / ".env").write_text("X=1\n")
         # One FLAG record after another: the first ones still fit in the log's last page.
         code = f"""
             import os, time
             while not os.path.exists({str(go)!r}): time.sleep(0.001)
             end = time.monotonic() + {scaled(10)}  # frozen long before, or the test fails
             while time.monotonic() < end:
-                open({str(ws / '.env')!r}).read()
+                open({str(outside / '.env')!r}).read()
                 time.sleep(0.001)
         """
         log = logdir / "v.jsonl"

@@ -100,8 +100,8 @@ DEFAULT_CASES = [
     (exec_(["sudo", "apt", "install", "x"]), "FLAG", "privilege-tool"),
     (exec_(["chmod", "777", "run.sh"]), "FLAG", "chmod-world-writable"),
     (exec_(["chmod", "-R", "a+rwx", "."]), "FLAG", "chmod-world-writable"),
-    (open_(f"{WS}/.env"), "FLAG", "env-file-read"),
-    (open_(f"{WS}/config/.env.local"), "FLAG", "env-file-read"),
+    (open_("/srv/app/.env"), "FLAG", "env-file-read"),
+    (open_("/srv/app/config/.env.local"), "FLAG", "env-file-read"),
     # SAFE
     (exec_(["rm", "-rf", "/tmp/build"]), "SAFE", ""),
     (exec_(["rm", "-rf", "/tmp"]), "SAFE", ""),
@@ -117,7 +117,8 @@ DEFAULT_CASES = [
     (open_("/dev/pts/3", WRITE), "SAFE", ""),
     (open_(f"{HOME}/.cache/pip/http/x", WRITE, CREATE), "SAFE", ""),
     (open_(f"{HOME}/.claude/projects/p/session.jsonl", WRITE), "SAFE", ""),
-    (open_("/usr/lib/python3/dist-packages/x/__pycache__/y.pyc", WRITE, CREATE), "SAFE", ""),
+    (open_("/usr/lib/python3/dist-packages/x/__pycache__/y.pyc", WRITE, CREATE), "HALT", "write-outside-workspace"),
+    (open_(f"{WS}/pkg/__pycache__/y.pyc", WRITE, CREATE), "SAFE", ""),
     (open_("/etc/hosts"), "SAFE", ""),
     (connect("140.82.112.3", 443), "SAFE", ""),
 ]
@@ -141,21 +142,22 @@ def test_rm_relative_target_uses_the_events_cwd() -> None:
     eng = engine()
     assert eng.evaluate(exec_(["rm", "-rf", "build"], cwd="/tmp/work")).verdict is Verdict.SAFE
     assert eng.evaluate(exec_(["rm", "-rf", "../../etc"], cwd="/tmp/work")).rule == "recursive-rm"
-    assert eng.evaluate(exec_(["rm", "-rf", "build"], cwd=WS)).rule == "recursive-rm"
+    assert eng.evaluate(exec_(["rm", "-rf", "build"], cwd=WS)).verdict is Verdict.SAFE  # in the workspace
+    assert eng.evaluate(exec_(["rm", "-rf", "."], cwd=WS)).rule == "recursive-rm"  # the workspace itself
 
 
 def test_mass_delete_rate_uses_event_time() -> None:
     eng = engine()
-    out = verdicts(eng, [unlink(f"{WS}/a", 0), unlink(f"{WS}/b", 4), unlink(f"{WS}/c", 9.5)])
+    out = verdicts(eng, [unlink("/srv/data/a", 0), unlink("/srv/data/b", 4), unlink("/srv/data/c", 9.5)])
     assert out == [("SAFE", ""), ("SAFE", ""), ("HALT", "mass-delete")]
     # Counting restarts after the rule fires: one decision per burst.
-    assert eng.evaluate(unlink(f"{WS}/d", 9.6)).verdict is Verdict.SAFE
+    assert eng.evaluate(unlink("/srv/data/d", 9.6)).verdict is Verdict.SAFE
 
 
 def test_mass_delete_window_slides() -> None:
     eng = engine()
-    out = verdicts(eng, [unlink(f"{WS}/a", 0), unlink(f"{WS}/b", 6), unlink(f"{WS}/c", 12),
-                         unlink(f"{WS}/d", 15)])  # fmt: skip
+    out = verdicts(eng, [unlink("/srv/data/a", 0), unlink("/srv/data/b", 6), unlink("/srv/data/c", 12),
+                         unlink("/srv/data/d", 15)])  # fmt: skip
     assert [v for v, _ in out] == ["SAFE", "SAFE", "SAFE", "HALT"]
 
 
@@ -170,23 +172,23 @@ def test_scratch_deletes_do_not_count() -> None:
 def test_rate_is_per_process_tree() -> None:
     eng = engine()
     # Two unrelated processes: 2 + 2 deletions, never 3 in one tree.
-    out = verdicts(eng, [unlink(f"{WS}/a", 0, pid=10), unlink(f"{WS}/b", 1, pid=20),
-                         unlink(f"{WS}/c", 2, pid=10, start_ns=1),
-                         unlink(f"{WS}/d", 3, pid=20)])  # fmt: skip
+    out = verdicts(eng, [unlink("/srv/data/a", 0, pid=10), unlink("/srv/data/b", 1, pid=20),
+                         unlink("/srv/data/c", 2, pid=10, start_ns=1),
+                         unlink("/srv/data/d", 3, pid=20)])  # fmt: skip
     assert {v for v, _ in out} == {"SAFE"}
     # Parent and forked child share a tree.
     eng = engine()
     eng.evaluate(fork(10, 11))
     eng.evaluate(fork(11, 12))
-    out = verdicts(eng, [unlink(f"{WS}/a", 0, pid=10), unlink(f"{WS}/b", 1, pid=11, ppid=10),
-                         unlink(f"{WS}/c", 2, pid=12, ppid=11)])  # fmt: skip
+    out = verdicts(eng, [unlink("/srv/data/a", 0, pid=10), unlink("/srv/data/b", 1, pid=11, ppid=10),
+                         unlink("/srv/data/c", 2, pid=12, ppid=11)])  # fmt: skip
     assert out[-1] == ("HALT", "mass-delete")
 
 
 def test_unknown_process_joins_parent_tree_via_ppid() -> None:
     eng = engine()
-    out = verdicts(eng, [unlink(f"{WS}/a", 0, pid=10), unlink(f"{WS}/b", 1, pid=11, ppid=10),
-                         unlink(f"{WS}/c", 2, pid=12, ppid=10)])  # fmt: skip
+    out = verdicts(eng, [unlink("/srv/data/a", 0, pid=10), unlink("/srv/data/b", 1, pid=11, ppid=10),
+                         unlink("/srv/data/c", 2, pid=12, ppid=10)])  # fmt: skip
     assert out[-1] == ("HALT", "mass-delete")
 
 
@@ -234,9 +236,9 @@ def test_flags_outside_window_do_not_escalate() -> None:
 def test_flags_accumulate_across_the_tree_and_rules() -> None:
     eng = engine()
     eng.evaluate(fork(100, 200))
-    evs = [exec_(["sudo", "x"], 0), open_(f"{WS}/.env", t=1, pid=200, ppid=100),
+    evs = [exec_(["sudo", "x"], 0), open_("/srv/app/.env", t=1, pid=200, ppid=100),
            exec_(["chmod", "777", "f"], 2, pid=200, ppid=100), exec_(["sudo", "y"], 3),
-           open_(f"{WS}/a/.env", t=4, pid=200, ppid=100)]  # fmt: skip
+           open_("/srv/app/a/.env", t=4, pid=200, ppid=100)]  # fmt: skip
     out = verdicts(eng, evs)
     assert out[-1] == ("HALT", "escalation:env-file-read")
 
@@ -404,7 +406,7 @@ def test_connect_by_host_name_and_cidr() -> None:
     assert verdicts(eng, [connect("2607:6bc0::10", 443, family="ipv6")]) == [("SAFE", "known-apis")]
     assert verdicts(eng, [connect("160.79.104.10", 80)]) == [("ASK", "unknown-network")]
     assert verdicts(eng, [connect("127.0.0.1", 5432)]) == [("SAFE", "loopback")]
-    assert verdicts(eng, [connect("10.1.1.1", 53)]) == [("SAFE", "dns")]
+    assert verdicts(eng, [connect("10.1.1.1", 53)]) == [("ASK", "unknown-network")]  # not a resolver
     eng.set_host_addresses({})  # refreshed: the old address is no longer known
     assert verdicts(eng, [connect("160.79.104.10", 443)]) == [("ASK", "unknown-network")]
 
@@ -640,7 +642,7 @@ def test_a_refused_syscall_is_judged_as_usual_and_marked_prevented() -> None:
 def test_the_kernel_counts_deletions_outside_literal_scratch_dirs_only() -> None:
     count, window_ns, scratch = engine().kernel_unlink_rate([HOME])
     assert (count, window_ns) == (3, 10 * 10**9)  # mass-delete
-    assert {"/tmp", "/var/tmp", f"{HOME}/.cache", f"{WS}/.git"} <= set(scratch)
+    assert {"/tmp", "/var/tmp", f"{HOME}/.cache", WS} <= set(scratch)
     assert not any("*" in d for d in scratch)  # globs (`**/__pycache__/**`) stay counted
     assert engine(mode=Mode.AUDIT).kernel_unlink_rate([HOME]) == (0, 0, ())
 

@@ -62,7 +62,9 @@ def test_audit_mode_prevents_nothing(tmp_path: Path) -> None:
 def test_markdown_is_one_row_per_rule(tmp_path: Path) -> None:
     rows = list(rows_for(tmp_path, ALL).values())
     lines = render(rows, markdown=True)
-    assert lines[0].startswith("| rule | verdict |") and len(lines) == len(rows) + 2
+    assert lines[0].startswith("| rule | verdict | tier |") and len(lines) == len(rows) + 2
+    tiers = {r.rule: r.tier for r in rows}
+    assert set(tiers.values()) <= {"deny", "allow", "catch-all"} and "" not in tiers.values()
 
 
 @requires_root
@@ -71,3 +73,4 @@ def test_check_explain_probes_this_host() -> None:
     assert r.returncode == 0, r.stderr
     assert "enforcement here (fanotify" in r.stdout
     assert "recursive-rm (exec, KILL): watch prevents" in r.stdout
+    assert "[tier deny]" in r.stdout and "[tier catch-all]" in r.stdout

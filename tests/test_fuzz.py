@@ -370,6 +370,10 @@ _CONDITION_VALUES: dict[str, st.SearchStrategy[Any]] = {
                              "1.2.3.4", "*.x.com", "a" * 64, "-a.com"]),
     "family": st.sampled_from(["ipv4", "ipv6", "unix", "ipx"]),
 }  # fmt: skip
+_CONDITION_VALUES["comm"] = st.sampled_from(["git", "py*", "[a-z]*", "a/b", "$l", "", "[!x]"])
+_CONDITION_VALUES["exe"] = st.sampled_from(["ssh", "/usr/bin/*", "{home}/bin/x", "a/b", "**/x", "$l", "[", "{nope}/x"])
+_CONDITION_VALUES["ancestors"] = _CONDITION_VALUES["exe"]
+_CONDITION_VALUES["protocol"] = st.sampled_from(["tcp", "udp", "UDP", "icmp", "raw", "seqpacket", "$l"])
 for _k in ("path_not", "operands", "operands_not"):
     _CONDITION_VALUES[_k] = _CONDITION_VALUES["path"]
 _CONDITION_VALUES["addr_not"] = _CONDITION_VALUES["addr"]

@@ -425,7 +425,7 @@ def test_sendto_and_tcp_fast_open_are_connects() -> None:
     assert (eng.evaluate(tfo).verdict, eng.evaluate(tfo).rule) == (Verdict.ASK, "unknown-network")
     assert eng.evaluate(connect("93.184.216.34", 443, via="sendmsg")).rule == "unknown-network"
     assert eng.evaluate(connect("160.79.104.10", 443, via="sendto")).rule == "known-apis"
-    assert eng.evaluate(connect("10.0.0.2", 53, via="sendto")).rule == "dns"
+    assert eng.evaluate(connect("10.0.0.2", 53, via="sendto")).rule == "unknown-network"  # not a resolver
     eng = engine("strict")
     d = eng.evaluate(connect("/var/run/docker.sock", 0, family="unix", via="sendmsg"))
     assert d.rule == "container-socket"

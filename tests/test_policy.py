@@ -361,8 +361,8 @@ rules:
 """
     assert errors_of(tmp_path, bad) == [
         "2: on_loss: expected freeze or ignore, got 'halt'",
-        "4: rules[0].truncate.access: unknown key 'access'",
+        "4: rules[0].truncate.access: unknown key 'access' (did you mean 'ancestors'?)",
         "5: rules[1].io_uring.addr: unknown key 'addr'",
         "6: rules[2]: rule needs one of exec, open, unlink, connect, rename, link, symlink, "
-        "truncate, mmap_exec, io_uring, ptrace",
+        "truncate, mmap_exec, io_uring, ptrace, destroy",
     ]

@@ -8,12 +8,16 @@ the syscall was refused (`prevented`) and which rule judged it.
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from ebpf_guard.enforce import cgroups
 from tests.conftest import requires_bpf
-from tests.helpers import GuardRun, guard, policy_extending, records, scaled
+from tests.helpers import GuardRun, guard, policy_extending, records, scaled, wait_for
 
 pytestmark = requires_bpf
 EXIT_HALTED, EXIT_KILLED = 120, 121
@@ -128,11 +132,12 @@ def test_run_gates_a_key_no_byte_reaches_the_agent(agent_user: tuple[str, Path],
     log = tmp_path / "log.jsonl"
     r = guard("run", "--log", str(log), "--workspace", str(ws), "--", "sh", "-c",
               f"cat {key}; cat {ssh}/../.ssh/id_ed25519; ln -s {key} {ws}/k; cat {ws}/k", timeout=90)
-    assert b"secret" not in r.stdout.encode() and "secret" not in r.stderr, r.stdout
+    assert "----- secret" not in r.stdout and "----- secret" not in r.stderr, r.stdout
     assert "file gates (fanotify)" in r.stderr and "Operation not permitted" in r.stderr, r.stderr
     kills = [v for v in records(log) if v["rule"] == "ssh-keys"]
     assert kills and kills[0]["prevented"] is True and kills[0]["event"]["ret"] == -1, kills[:1]
-    refused = records(log, "prevented")
+    # Refused at once, or (ssh-keys has exceptions only the engine checks) held until its KILL.
+    refused = records(log, "prevented") + records(log, "held")
     assert refused and refused[0]["layer"] == "fanotify" and refused[0]["path"] == str(key), refused
     assert key.read_text().endswith("secret\n")  # and the host itself reads it as before
 
@@ -178,3 +183,142 @@ def test_run_refuses_io_uring_in_the_jail(tmp_cgroup: Path, ws: Path, tmp_path: 
     assert halts, records(log)
     if marker.exists():  # the agent may have been frozen before writing it
         assert marker.read_text() == "-1 1", marker.read_text()  # EPERM: no ring was made
+
+
+# ---------------------------------------------------------------- ASK: the open waits for a human
+
+ASKED = b"bytes only a human may release\n"
+RULE = "test-ask-file"
+# Reads argv[1] once `go` (argv[3], if given) exists; writes what it read, or EPERM, to argv[2]
+# (the guard's own lines share stdout).
+READER = """import os, sys, time
+if len(sys.argv) > 3:
+    while not os.path.exists(sys.argv[3]):
+        time.sleep(0.001)
+try:
+    data = open(sys.argv[1], "rb").read()
+except PermissionError:
+    data = b"EPERM"
+open(sys.argv[2], "wb").write(data)
+"""
+
+
+def ask_setup(tmp_path: Path, outside: Path, *, timeout: float = 120, default: str = "deny") -> tuple[Path, Path]:
+    """(the asked-about file, a policy whose rule asks before anyone opens it; a "deny" leaves the
+    agent frozen, so the reader's EPERM can be seen once the test resumes it)."""
+    asked = outside / "asked.txt"
+    asked.write_bytes(ASKED)
+    policy = policy_extending(tmp_path, f"""
+ask: {{timeout: {scaled(timeout):g}s, default: {default}}}
+rules:
+  - name: {RULE}
+    open: {{path: [{asked}]}}
+    verdict: ASK
+    on_deny: HALT
+""")
+    return asked, policy
+
+
+def reader_cmd(tmp_path: Path, *args: Path) -> list[str]:
+    script = tmp_path / "reader.py"
+    script.write_text(READER)
+    return [sys.executable, str(script), *map(str, args)]
+
+
+def pending_asks() -> list[dict]:
+    from ebpf_guard import approvals
+
+    try:
+        return [p for p in approvals.list_pending() if p["rule"] == RULE]
+    except approvals.ApprovalError:
+        return []
+
+
+def ask_outcomes(log: Path) -> list[dict]:
+    return [r for r in records(log, "outcome") if r["rule"] == RULE and "answer" in r]
+
+
+def test_ask_holds_the_open_until_approved(tmp_cgroup: Path, ws: Path, outside: Path, tmp_path: Path) -> None:
+    asked, policy = ask_setup(tmp_path, outside)
+    log = tmp_path / "log.jsonl"
+    with GuardRun(tmp_cgroup, log, reader_cmd(tmp_path, asked, ws / "out"), policy=policy, workspace=ws) as run:
+        (pending,) = wait_for(pending_asks, timeout=60)
+        assert run.proc.poll() is None and not ask_outcomes(log)  # the reader waits in open(2)
+        host = subprocess.run(["cat", str(asked)], capture_output=True, timeout=scaled(10))
+        assert host.returncode == 0 and host.stdout == ASKED  # not the agent: let through at once
+        assert guard("approve", pending["id"]).returncode == 0
+        assert run.wait() == 0, run.err
+    assert (ws / "out").read_bytes() == ASKED  # the reader got the file's bytes, exactly
+    asks = [v for v in records(log) if v["rule"] == RULE]
+    assert asks[0]["verdict"] == "ASK" and "held_by_gate" in asks[0]["event"]["notes"], asks
+    assert all(v["action"].startswith("none (held at the gate and allowed") for v in asks[1:]), asks
+    (done,) = ask_outcomes(log)
+    assert done["answer"] == "approve" and done["open_allowed"] is True and done["prevented"] is False, done
+    assert [h["path"] for h in records(log, "held")] == [str(asked)]
+
+
+def resume_when_answered(run: GuardRun, log: Path) -> None:
+    """The deny left the agent frozen (on_deny: HALT): be the operator who resumes it."""
+    wait_for(lambda: ask_outcomes(log), timeout=60)
+    assert guard("resume", "--cgroup", str(run.cgroup())).returncode == 0
+
+
+def test_ask_denied_the_open_fails_with_eperm(tmp_cgroup: Path, ws: Path, outside: Path, tmp_path: Path) -> None:
+    asked, policy = ask_setup(tmp_path, outside)
+    log = tmp_path / "log.jsonl"
+    with GuardRun(tmp_cgroup, log, reader_cmd(tmp_path, asked, ws / "out"), policy=policy, workspace=ws) as run:
+        (pending,) = wait_for(pending_asks, timeout=60)
+        assert guard("deny", pending["id"]).returncode == 0
+        resume_when_answered(run, log)
+        run.wait()
+    assert (ws / "out").read_bytes() == b"EPERM", run.err  # no byte of the file
+    (done,) = ask_outcomes(log)
+    assert done["answer"] == "deny" and done["open_allowed"] is False and done["prevented"] is True, done
+
+
+@pytest.mark.parametrize("default", ["deny", "allow"])
+def test_ask_timeout_answers_the_open_with_the_default(tmp_cgroup: Path, ws: Path, outside: Path,
+                                                       tmp_path: Path, default: str) -> None:
+    asked, policy = ask_setup(tmp_path, outside, timeout=2, default=default)
+    log = tmp_path / "log.jsonl"
+    with GuardRun(tmp_cgroup, log, reader_cmd(tmp_path, asked, ws / "out"), policy=policy, workspace=ws) as run:
+        if default == "deny":
+            resume_when_answered(run, log)
+        run.wait()
+    assert (ws / "out").read_bytes() == (ASKED if default == "allow" else b"EPERM"), run.err
+    (done,) = ask_outcomes(log)
+    assert done["answer"] == "timeout" and done["open_allowed"] is (default == "allow"), done
+    assert done["prevented"] is (default == "deny")
+
+
+def test_a_second_opener_gets_no_way_around_a_held_open(tmp_cgroup: Path, ws: Path, outside: Path,
+                                                        tmp_path: Path) -> None:
+    """Two of the agent's processes open the file at once: neither is let through while a human is
+    asked; every answer is deny, and neither reads a byte."""
+    asked, policy = ask_setup(tmp_path, outside)
+    log, go = tmp_path / "log.jsonl", ws / "go"
+    one, two = (" ".join(reader_cmd(tmp_path, asked, ws / f"out{i}", go)) for i in (1, 2))
+    with GuardRun(tmp_cgroup, log, ["sh", "-c", f"{one} & {two} & wait"], policy=policy, workspace=ws) as run:
+        cg = run.cgroup()
+        wait_for(lambda: len(cgroups.pids(cg)) >= 3, timeout=60)
+        go.touch()
+        while run.proc.poll() is None:
+            for p in pending_asks():
+                assert guard("deny", p["id"]).returncode == 0
+            if cgroups.is_populated(cg) and (cg / "cgroup.freeze").read_text().strip() == "1":
+                # Every answer so far was deny (on_deny: HALT) and none is pending: resume.
+                if not pending_asks() and not wait_for_pending(scaled(0.5)):
+                    guard("resume", "--cgroup", str(cg))
+            time.sleep(0.05)
+        run.wait()
+    assert (ws / "out1").read_bytes() == (ws / "out2").read_bytes() == b"EPERM", run.err
+    assert {r["answer"] for r in ask_outcomes(log)} == {"deny"}
+
+
+def wait_for_pending(timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pending_asks():
+            return True
+        time.sleep(0.02)
+    return False

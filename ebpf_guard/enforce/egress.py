@@ -4,6 +4,11 @@ The sensor sees a connect after the fact; these programs judge it before any pac
 destination the policy denies fails with EPERM in the caller: TCP connect, TCP Fast Open
 (sendto with MSG_FASTOPEN passes the same pre_connect hook), UDP connect, and UDP
 sendto/sendmsg with a destination. IPv4-mapped IPv6 destinations are judged as the IPv4 address.
+A rule's `protocol:` (Match.protocols) is judged in the kernel too: each decision holds one
+action per protocol class of the socket (PROTOCOLS; bpf_sock_addr.type and .protocol), so
+`connect: {addr: $system_resolvers, port: 53, protocol: [udp]}` lets DNS over UDP through and
+leaves TCP to port 53 to the rules below it. Rules on who connects (comm, exe, ancestors,
+exceptions) are left to userspace: the hook cannot tell.
 
 Two halves:
   plan_egress(policy, hosts=...)  pure: compiles the policy's connect rules into one decision
@@ -38,8 +43,14 @@ from ebpf_guard.verdicts import Mode, Verdict
 
 SOURCE = BPF_DIR / "egress.c"
 
-# Action bits per port range (bpf/egress.c: EG_DENY, EG_COUNT, EG_TRIP).
+# Action bits per port range (bpf/egress.c: EG_DENY, EG_COUNT, EG_TRIP), one nibble per
+# protocol class: the kernel shifts the action word by 4 * class (bpf/egress.c, eg_class()).
 DENY, COUNT, TRIP = 1, 2, 4
+# Event.protocol names in class order (sensor/decode.socket_protocol names the same sockets);
+# "" is every other inet socket: a rule with `protocol:` never matches it.
+PROTOCOLS = ("tcp", "udp", "raw", "icmp", "sctp", "")
+CLASS_BITS = 4
+_NIBBLE = (1 << CLASS_BITS) - 1
 MAX_SEGS = 16  # EG_MAX_SEGS: port ranges per prefix that differ from its base action
 MAX_BURST = 4096  # EG_MAX_BURST
 MAX_PREFIXES = 16384  # EG_MAX_PREFIXES, per trie
@@ -116,9 +127,10 @@ class EgressPlan:
             raise EgressError("this plan has no policy to re-plan host names with")
         return plan_egress(self.policy, hosts=mapping, mode=self.mode)
 
-    def decide(self, addr: str, port: int) -> int:
-        """The action bits the kernel applies to `addr`:`port`, as bpf/egress.c looks them up
-        (longest prefix; an IPv4-mapped address as its IPv4 address), operator pins aside."""
+    def decide(self, addr: str, port: int, protocol: str = "") -> int:
+        """The action bits the kernel applies to `addr`:`port` over `protocol` (Event.protocol;
+        "" or a name the kernel has no class for: the unknown class), as bpf/egress.c looks
+        them up (longest prefix; an IPv4-mapped address as its IPv4 address), pins aside."""
         try:
             ip: IP = ipaddress.ip_address(addr)
         except ValueError:
@@ -128,7 +140,8 @@ class EgressPlan:
             table, ip = self.mapped4, ip.ipv4_mapped
         dest = max((d for d in table if ip in ipaddress.ip_network(d.prefix)),
                    key=lambda d: ipaddress.ip_network(d.prefix).prefixlen)
-        return next((a for lo, hi, a in dest.ports if lo <= port <= hi), dest.base)
+        word = next((a for lo, hi, a in dest.ports if lo <= port <= hi), dest.base)
+        return _of_class(word, protocol)
 
     def describe(self) -> list[str]:
         out = [f"egress in the kernel: {'enforcing' if self.enforce else 'audit (nothing denied)'}"]
@@ -157,7 +170,24 @@ class EgressPlan:
         }  # fmt: skip
 
 
-def _act(action: int) -> str:
+def _of_class(word: int, protocol: str) -> int:
+    """One protocol's action bits out of an action word."""
+    cls = PROTOCOLS.index(protocol) if protocol in PROTOCOLS else PROTOCOLS.index("")
+    return (word >> (CLASS_BITS * cls)) & _NIBBLE
+
+
+def _act(word: int) -> str:
+    """An action word in words: one phrase if every protocol is treated alike, else per protocol
+    ("udp: allow; tcp/raw/icmp/sctp/other: deny")."""
+    groups: dict[int, list[str]] = {}
+    for proto in PROTOCOLS:
+        groups.setdefault(_of_class(word, proto), []).append(proto or "other")
+    if len(groups) == 1:
+        return _bits(next(iter(groups)))
+    return "; ".join(f"{'/'.join(names)}: {_bits(a)}" for a, names in groups.items())
+
+
+def _bits(action: int) -> str:
     words = ["deny" if action & DENY else "allow"]
     if action & COUNT:
         words.append("count")
@@ -221,6 +251,12 @@ def _classify(policy: Policy) -> tuple[list[Rule], Rule | None, list[RuleUse], l
             why = "unix sockets only (issue #12)"
         elif m.paths:
             why = "a socket path condition (unix sockets, issue #12): never an IP destination"
+        elif _protocols(r) and not _protocols(r) & set(PROTOCOLS):
+            why = "unix socket protocols only: never an IP destination"
+        elif m.has_process() or r.exceptions:
+            # The kernel hook cannot tell who connects: a deny enforced for everyone would refuse
+            # what the rule spares. Left out, a connect it would allow meets the catch-all here.
+            why = "conditions on who connects (comm, exe, ancestors, exceptions): only the engine judges them"
         elif r.rate is not None and burst is not None:
             why = f"the kernel counts one rate rule ({burst.name})"
         elif r.rate is not None and r.rate.count > MAX_BURST:
@@ -241,6 +277,9 @@ def _classify(policy: Policy) -> tuple[list[Rule], Rule | None, list[RuleUse], l
 
 def _use_of(rule: Rule) -> tuple[str, str]:
     hosts = " (host names: by their resolved addresses)" if rule.match.hosts else ""
+    protocols = _protocols(rule)
+    if protocols:
+        hosts += f" (protocol {', '.join(sorted(protocols))} only: the socket's, read in the kernel)"
     if rule.verdict is Verdict.ASK:
         return "deny", "EPERM in the kernel, asked in userspace; Egress.allow() admits an approved destination" + hosts
     if rule.verdict in _DENIES:
@@ -315,6 +354,16 @@ class _Space:
         return Destination(str(prefix), base, ports)
 
     def _action(self, rules: list[Rule], burst: Rule | None, port: int) -> int:
+        """The action word of a port: each protocol class's bits, from the rules that hold
+        for that protocol."""
+        word = 0
+        for cls, proto in enumerate(PROTOCOLS):
+            these = [r for r in rules if _protocol_in(r, proto)]
+            counted = burst if burst is not None and _protocol_in(burst, proto) else None
+            word |= self._class_action(these, counted, port) << (CLASS_BITS * cls)
+        return word
+
+    def _class_action(self, rules: list[Rule], burst: Rule | None, port: int) -> int:
         hits = [r for r in rules if _port_in(r, port)]
         action = DENY if self._verdict(hits) in _DENIES else 0
         if burst is not None and _port_in(burst, port):
@@ -342,6 +391,18 @@ def _within(inner: Network, outer: Network) -> bool:
 
 def _port_in(rule: Rule, port: int) -> bool:
     return not rule.match.ports or any(lo <= port <= hi for lo, hi in rule.match.ports)
+
+
+def _protocols(rule: Rule) -> frozenset[str]:
+    """The rule's `protocol:` condition (Match.protocols; empty: any protocol)."""
+    return frozenset(getattr(rule.match, "protocols", None) or ())
+
+
+def _protocol_in(rule: Rule, protocol: str) -> bool:
+    """Does the rule hold for sockets of `protocol`? The unknown class ("") matches only rules
+    without a protocol condition, as Event.protocol "" does in the engine."""
+    protocols = _protocols(rule)
+    return not protocols or (protocol != "" and protocol in protocols)
 
 
 # ---------------------------------------------------------------- the kernel side

@@ -63,6 +63,7 @@ class RuleEnforcement:
     watch_effect: str
     run: str
     run_effect: str
+    tier: str = ""  # the rule's evaluation tier (policy Tier): deny, allow, catch-all
 
 
 def explain(policy: Policy, host: HostLayers, *, workspace: str, homes: list[str],
@@ -101,7 +102,8 @@ def explain(policy: Policy, host: HostLayers, *, workspace: str, homes: list[str
             effect = ALLOWS if rule.verdict is Verdict.SAFE else LOGS
             what = "audit mode: logged only" if policy.mode is Mode.AUDIT else (
                 "allowed" if rule.verdict is Verdict.SAFE else "logged (FLAGs escalate to HALT)")
-            rows.append(RuleEnforcement(rule.name, rule.kind.value, rule.verdict.value, what, effect, what, effect))
+            rows.append(RuleEnforcement(rule.name, rule.kind.value, rule.verdict.value, what, effect, what, effect,
+                                        rule.tier.label))
             continue
         if host.bpf_lsm:
             watch += _lsm_use(rule, rate_rule)
@@ -132,7 +134,7 @@ def explain(policy: Policy, host: HostLayers, *, workspace: str, homes: list[str
             run.insert(0, ("Landlock jail: EACCES outside the workspace and harmless places", PREVENTS))
         rows.append(RuleEnforcement(rule.name, rule.kind.value, rule.verdict.value,
                                     "; ".join(w for w, _ in watch), _effect(watch),
-                                    "; ".join(w for w, _ in run), _effect(run)))
+                                    "; ".join(w for w, _ in run), _effect(run), rule.tier.label))
     return rows
 
 
@@ -202,14 +204,15 @@ def _jail_covers(rule: Rule, jail: JailPlan, workspace: str, homes: list[str]) -
 
 def render(rows: list[RuleEnforcement], *, markdown: bool = False) -> list[str]:
     if markdown:
-        out = ["| rule | verdict | `watch` here | effect | `run` here (adds the jail) | effect |",
-               "|---|---|---|---|---|---|"]
-        out += [f"| {r.rule} | {r.verdict} | {r.watch} | **{r.watch_effect}** | {r.run} | **{r.run_effect}** |"
-                for r in rows]
+        out = ["| rule | verdict | tier | `watch` here | effect | `run` here (adds the jail) | effect |",
+               "|---|---|---|---|---|---|---|"]
+        out += [f"| {r.rule} | {r.verdict} | {r.tier} | {r.watch} | **{r.watch_effect}** | {r.run} | "
+                f"**{r.run_effect}** |" for r in rows]
         return out
     out = []
     for r in rows:
-        out.append(f"  {r.rule} ({r.kind}, {r.verdict}): watch {r.watch_effect}: {r.watch}")
+        tier = f" [tier {r.tier}]" if r.tier else ""
+        out.append(f"  {r.rule} ({r.kind}, {r.verdict}): watch {r.watch_effect}: {r.watch}{tier}")
         if r.run != r.watch:
             out.append(f"    run {r.run_effect}: {r.run}")
     return out

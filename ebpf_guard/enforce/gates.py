@@ -5,24 +5,21 @@ The sensor judges an open after the syscall: a KILL for `cat ~/.ssh/id_ed25519` 
 key's bytes are already read. A gate answers the kernel's permission question instead: the opener
 waits in open(2)/execve(2) until we reply, and a watched process gets EPERM and reads no byte.
 
-- `plan_gates` turns a policy into marks (pure apart from stat/listdir): directories whose
-  children a rule names (FAN_EVENT_ON_CHILD covers direct children only, so each existing
-  subdirectory is marked too, bounded), existing protected files by inode (hard links share
-  it), and the binaries of plain exec rules (FAN_OPEN_EXEC_PERM and FAN_OPEN_PERM: neither run,
-  copied nor handed to ld.so). Unprotected files already in a marked directory get an ignore
-  mark, so the host's own opens there (/etc/ld.so.cache) never reach Python.
-- `FileGate` owns the fanotify group and the thread that answers it. An unwatched opener costs
-  one read of /proc/TID/cgroup; a watched one is matched against the rules (inode, then name in
-  its directory) and, for write-only rules, the open flags.
-- Open flags: fanotify does not report the access mode. The default `proc_open_flags` reads
-  /proc/TID/syscall, which holds the registers of the syscall the opener is blocked in while it
-  waits for our answer (the flags come from registers, so another thread cannot rewrite them;
-  openat2's flags live in user memory and count as unknown). Unknown flags deny a write gate.
-- Who is watched: `watched_by_cgroup`. A thread whose /proc entry is gone (killed while it
-  waited) counts as watched: it cannot read anything any more, so denying it is harmless.
+- Planning (gate_plan.py): `plan_gates` turns a policy into marks and gate rules.
+- Openers (gate_openers.py): whether the opener is watched (`watched_by_cgroup`), the flags of
+  its open (`proc_open_flags`), who it is.
+- `FileGate` (here) owns the fanotify group and the thread that answers it. An unwatched opener
+  costs one read of /proc/TID/cgroup; a watched one is matched against the rules (inode, then
+  name in its directory) and, for write-only rules, the open flags.
+- Held opens (gate_holds.py): an open whose deciding rule `holds` (a human answers it: ASK, HALT
+  in confirm mode; or only the engine can check it: exceptions, process conditions) is not
+  answered at once. The opener stays blocked in the kernel while the guard judges and asks;
+  `FileGate.answer` gives the answer (FAN_ALLOW on approval: the open succeeds). Plain KILL and
+  HALT opens are refused at once. Held opens are bounded; beyond the bound they are refused at once.
 
 When the guard process dies, the kernel destroys the group and *allows* every pending and future
-open: the gate fails open. The watchdog freezes the agent at that moment (on_guard_exit).
+open, held ones included: the gate fails open. The watchdog freezes the agent at that moment
+(on_guard_exit). `close()` itself answers what is still held with the policy's ASK default.
 The answering thread opens no marked file (it would wait on itself): it reads /proc and stats
 directories only, and `on_decision` runs on a separate thread so a slow or file-writing callback
 cannot stall an opener. It also needs the GIL, so no other thread of this process may hold the GIL
@@ -34,387 +31,55 @@ opens the program): while a gate runs, subprocess is told to fork instead (`_NoV
 from __future__ import annotations
 
 import os
-import platform
 import queue
 import select
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass, field
-from enum import Enum
-from pathlib import Path
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-from ebpf_guard.enforce import cgroups
 from ebpf_guard.enforce import fanotify as fan
-from ebpf_guard.events import READ, Kind
-from ebpf_guard.pathnames import normalize
-from ebpf_guard.policy.identities import EMPTY, Identities
-from ebpf_guard.policy.matchers import GlobError, GlobSet, compile_glob, expand_all, glob_kind, is_literal, literal_dir
-from ebpf_guard.verdicts import Mode, Verdict
+from ebpf_guard.enforce.gate_holds import MAX_HELD, MAX_HELD_PER_PROCESS, HeldOpens
+from ebpf_guard.enforce.gate_openers import (
+    WRITE_FLAGS,
+    execing,
+    opens_for_write,
+    proc_open_flags,
+    tgid_of,
+    watched_by_cgroup,
+    who_is,
+)
+from ebpf_guard.enforce.gate_plan import (
+    BINARY_MASK,
+    DIR_MASK,
+    FILE_MASK,
+    GATED_VERDICTS,
+    MAX_DIRS,
+    MAX_ENTRIES,
+    MAX_IGNORES,
+    GateError,
+    GateKind,
+    GateMark,
+    GatePlan,
+    GateRule,
+    Inode,
+    plan_gates,
+)
+from ebpf_guard.verdicts import Verdict
 
-if TYPE_CHECKING:
-    from ebpf_guard.policy import Policy, Rule
+__all__ = [
+    "BINARY_MASK", "DIR_MASK", "EVENT_F_FLAGS", "FILE_MASK", "GATED_VERDICTS", "INIT_FLAGS", "MAX_DIRS",
+    "MAX_ENTRIES", "MAX_HELD", "MAX_HELD_PER_PROCESS", "MAX_IGNORES", "WRITE_FLAGS", "FileGate", "GateDecision",
+    "GateError", "GateKind", "GateMark", "GatePlan", "GateRule", "GateStats", "opens_for_write", "plan_gates",
+    "proc_open_flags", "watched_by_cgroup",
+]  # fmt: skip
 
-Inode = tuple[int, int]
-GATED_VERDICTS = (Verdict.KILL, Verdict.HALT, Verdict.ASK)
-NO_WALK = ("/proc", "/sys", "/dev")
-MAX_DIRS = 256  # directories marked per plan
-MAX_ENTRIES = 4096  # directory entries looked at per plan
-MAX_IGNORES = 1024  # ignore marks per plan
-FILE_MASK = fan.FAN_OPEN_PERM
-DIR_MASK = fan.FAN_OPEN_PERM | fan.FAN_EVENT_ON_CHILD
-BINARY_MASK = fan.FAN_OPEN_PERM | fan.FAN_OPEN_EXEC_PERM
 INIT_FLAGS = (fan.FAN_CLASS_CONTENT | fan.FAN_CLOEXEC | fan.FAN_NONBLOCK | fan.FAN_UNLIMITED_QUEUE
               | fan.FAN_REPORT_TID)  # fmt: skip
 EVENT_F_FLAGS = os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC
-WRITE_FLAGS = os.O_ACCMODE | os.O_CREAT | os.O_TRUNC  # O_ACCMODE: write-only, read-write, and 3
-_EXEC_CONDITIONS = ("args_any", "args_regex", "flags", "operands", "operands_not", "paths_not")
-
-
-class GateError(Exception):
-    """A gate that cannot be set up or asked, phrased as one line."""
-
-
-class GateKind(str, Enum):
-    """What a gate denies a watched process."""
-
-    READ = "read"  # any open is denied
-    WRITE = "write"  # opens for write/create/truncate (or with unknown flags) are denied
-    EXEC = "exec"  # exec and any open of the binary are denied
-
-
-@dataclass(frozen=True)
-class GateRule:
-    """One policy rule as a gate: what it denies and the (expanded) paths it is about."""
-
-    name: str
-    kind: GateKind
-    verdict: Verdict
-    paths: tuple[str, ...] = ()
-    paths_not: tuple[str, ...] = ()
-    _globs: GlobSet = field(init=False, repr=False, compare=False)
-    _globs_not: GlobSet = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_globs", GlobSet(self.paths))
-        object.__setattr__(self, "_globs_not", GlobSet(self.paths_not))
-
-    def matches(self, path: str) -> bool:
-        return self._globs.match(path) and not self._globs_not.match(path)
-
-
-@dataclass(frozen=True)
-class GateMark:
-    """One fanotify mark: `path` as the policy names it, `real` what the kernel marks."""
-
-    path: str
-    real: str
-    target: str  # "dir" (its children), "file", "binary", "ignore" (exempt from dir marks)
-    mask: int
-    rules: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class GatePlan:
-    """What a policy gates on this host: rules, marks (with the rules behind each) and notes on
-    what could not be marked."""
-
-    rules: tuple[GateRule, ...] = ()
-    marks: tuple[GateMark, ...] = ()
-    notes: tuple[str, ...] = ()
-
-    def describe(self) -> list[str]:
-        kinds = {r.name: r.kind.value for r in self.rules}
-        lines = []
-        for m in self.marks:
-            if m.target == "ignore":
-                continue
-            what = "deny exec+open" if m.target == "binary" else f"deny {'/'.join(kinds[r] for r in m.rules)}"
-            where = f"{m.path}/* (children)" if m.target == "dir" else m.path
-            real = f" (-> {m.real})" if m.real != m.path else ""
-            lines.append(f"gate: {what} {where}{real} [{', '.join(m.rules)}]")
-        ignores = sum(m.target == "ignore" for m in self.marks)
-        if ignores:
-            lines.append(f"gate: {ignores} unprotected files in marked directories are exempt")
-        return lines + [f"gate not set: {n}" for n in self.notes]
-
-
-# ---------------------------------------------------------------- planning
-
-
-def plan_gates(policy: Policy, *, workspace: str | None, homes: Iterable[str],
-               identities: Identities | None = None) -> GatePlan:  # fmt: skip
-    """Marks for the KILL/HALT/ASK open and exec rules of `policy` (see the module doc)."""
-    if policy.mode is Mode.AUDIT:
-        return GatePlan(notes=("audit mode: nothing is denied",))
-    builder = _PlanBuilder(identities or policy.identities or EMPTY)
-    variants = {"home": tuple(normalize(str(h)) for h in homes),
-                "workspace": (normalize(workspace),) if workspace else ()}  # fmt: skip
-    for rule in policy.rules:
-        if rule.verdict not in GATED_VERDICTS or rule.kind not in (Kind.OPEN, Kind.EXEC):
-            continue
-        if rule.rate is not None:
-            builder.notes.append(f"{rule.name}: a rate rule allows the first opens; not a gate")
-        elif rule.kind is Kind.OPEN:
-            builder.add_open_rule(rule, variants)
-        else:
-            builder.add_exec_rule(rule)
-    return builder.plan()
-
-
-class _PlanBuilder:
-    """Collects marks rule by rule, merging marks on the same place, within the budgets."""
-
-    def __init__(self, identities: Identities) -> None:
-        self.identities = identities
-        self.rules: list[GateRule] = []
-        self.marks: dict[tuple[str, str], GateMark] = {}
-        self.notes: list[str] = []
-        self.entries_left = MAX_ENTRIES
-
-    def add(self, path: str, target: str, mask: int, rule: str) -> None:
-        real = os.path.realpath(path)
-        old = self.marks.get((real, target))
-        if old is not None:
-            rules = old.rules if rule in old.rules else (*old.rules, rule)
-            self.marks[(real, target)] = GateMark(old.path, real, target, old.mask | mask, rules)
-        elif target == "dir" and sum(t == "dir" for _, t in self.marks) >= MAX_DIRS:
-            self.notes.append(f"{path}: over {MAX_DIRS} directories; not marked")
-        else:
-            self.marks[(real, target)] = GateMark(path, real, target, mask, (rule,))
-
-    def add_open_rule(self, rule: Rule, variants: dict[str, tuple[str, ...]]) -> None:
-        access = rule.match.access
-        kind = GateKind.READ if not access or READ in access else GateKind.WRITE
-        globs = [g for p in rule.match.paths for g in _expanded(p, variants, self.notes, rule.name)]
-        nots = [g for p in rule.match.paths_not for g in _expanded(p, variants, [], rule.name)]
-        if not globs:
-            if not rule.match.paths:
-                self.notes.append(f"{rule.name}: names no path; not a gate")
-            return
-        gate = GateRule(rule.name, kind, rule.verdict, tuple(globs), tuple(nots))
-        self.rules.append(gate)
-        for glob in globs:
-            self._place(glob, rule.name)
-        for path in self.identities.files.values():
-            if gate.matches(path):  # hard links elsewhere share the inode
-                self.add(path, "file", FILE_MASK, rule.name)
-
-    def _place(self, glob: str, rule: str) -> None:
-        if glob_kind(glob) == "base":
-            self.notes.append(f"{rule}: {glob!r} names no directory; only known protected files are marked")
-            return
-        start = literal_dir(glob)
-        if start == "/" or any(start == d or start.startswith(d + "/") for d in NO_WALK):
-            self.notes.append(f"{rule}: {glob!r} names no directory to mark")
-            return
-        if is_literal(glob) and not glob.endswith("/"):
-            if os.path.isfile(glob):
-                self.add(glob, "file", FILE_MASK, rule)
-            elif os.path.isdir(glob):
-                self.notes.append(f"{rule}: {glob} is a directory; opening a directory is not gated")
-            elif os.path.isdir(os.path.dirname(glob)):
-                self.add(os.path.dirname(glob), "dir", DIR_MASK, rule)
-            else:
-                self.notes.append(f"{rule}: {os.path.dirname(glob)} does not exist; {glob} is not gated")
-            return
-        found = self._dirs_for(glob)
-        if not found:
-            self.notes.append(f"{rule}: no directory exists for {glob}")
-        for d in found:
-            self.add(d, "dir", DIR_MASK, rule)
-
-    def _dirs_for(self, glob: str) -> list[str]:
-        """Existing directories whose children `glob` may name (symlinked subdirectories are not
-        followed; the starting directory may be a symlink)."""
-        body = glob + "**" if glob.endswith("/") else glob
-        segs = [s for s in body.split("/") if s not in ("", ".")]
-        free = segs.index("**") if "**" in segs else len(segs)
-        try:
-            seg_rx = [compile_glob(s) for s in segs[:free]]
-        except GlobError:
-            return []
-        start = literal_dir(glob)
-        out: list[str] = []
-        stack = [(start, len([s for s in start.split("/") if s]))]
-        while stack:
-            d, k = stack.pop()  # the children of d are matched against segs[k]
-            if not os.path.isdir(d):
-                continue
-            if k >= free or k == len(segs) - 1 or all(s == "**" for s in segs[k + 1 :]):
-                out.append(d)
-            if k < free and k >= len(segs) - 1:
-                continue
-            for name in self._subdirs(d):
-                if k >= free or seg_rx[k].fullmatch(name):
-                    stack.append((d.rstrip("/") + "/" + name, k + 1))
-        return sorted(out)
-
-    def _subdirs(self, d: str) -> list[str]:
-        try:
-            with os.scandir(d) as it:
-                entries = list(it)
-        except OSError:
-            return []
-        out = []
-        for e in entries:
-            self.entries_left -= 1
-            if self.entries_left < 0:
-                self.notes.append(f"directory scan stopped at {MAX_ENTRIES} entries (in {d})")
-                return out
-            if e.is_dir(follow_symlinks=False):
-                out.append(e.name)
-        return out
-
-    def add_exec_rule(self, rule: Rule) -> None:
-        if any(getattr(rule.match, c) for c in _EXEC_CONDITIONS):
-            return  # judged on its arguments: the binary itself is not forbidden
-        self.rules.append(GateRule(rule.name, GateKind.EXEC, rule.verdict))
-        for tool in (*rule.match.names, *rule.match.paths):
-            inodes = self.identities.tools.get(tool if not tool.startswith("/") else normalize(tool))
-            if not inodes:
-                self.notes.append(f"{rule.name}: {tool} is not on this host's PATH (or is multi-call)")
-            for inode in sorted(inodes or ()):
-                for binary in self.identities.binaries.get(inode, ())[:1]:
-                    self.add(binary.path, "binary", BINARY_MASK, rule.name)
-
-    def plan(self) -> GatePlan:
-        marks = list(self.marks.values())
-        ignores = self._ignores(marks)
-        return GatePlan(tuple(self.rules), tuple(marks + ignores), tuple(self.notes))
-
-    def _ignores(self, marks: list[GateMark]) -> list[GateMark]:
-        """Ignore marks for the existing files in marked directories that no rule names and whose
-        inode is not gated under another name: the kernel then answers their opens itself."""
-        gated: set[Inode] = set()
-        for m in marks:
-            if m.target in ("file", "binary"):
-                with suppress(OSError):
-                    st = os.stat(m.real)
-                    gated.add((st.st_dev, st.st_ino))
-        candidates: list[tuple[str, str, Inode]] = []
-        for m in (m for m in marks if m.target == "dir"):
-            for name, inode in _regular_children(m.real):
-                path = m.path.rstrip("/") + "/" + name
-                if any(r.kind is not GateKind.EXEC and r.matches(path) for r in self.rules):
-                    gated.add(inode)
-                else:
-                    candidates.append((path, m.real.rstrip("/") + "/" + name, inode))
-        out = [GateMark(path, real, "ignore", fan.FAN_OPEN_PERM) for path, real, inode in candidates
-               if inode not in gated]  # fmt: skip
-        if len(out) > MAX_IGNORES:
-            self.notes.append(f"{len(out)} unprotected files in marked directories: "
-                              f"{len(out) - MAX_IGNORES} of them are asked about on every open")
-        return out[:MAX_IGNORES]
-
-
-def _regular_children(d: str) -> list[tuple[str, Inode]]:
-    """(name, inode) of the regular files directly in `d`; symlinks are not followed."""
-    try:
-        with os.scandir(d) as it:
-            entries = list(it)
-    except OSError:
-        return []
-    out = []
-    for e in entries:
-        with suppress(OSError):
-            if e.is_file(follow_symlinks=False):
-                out.append((e.name, (e.stat(follow_symlinks=False).st_dev, e.inode())))
-    return out
-
-
-def _expanded(pattern: str, variants: dict[str, tuple[str, ...]], notes: list[str], rule: str) -> list[str]:
-    out = expand_all(pattern, variants)
-    if not out:
-        notes.append(f"{rule}: {pattern!r} has no value for its variables here")
-    return out
-
-
-# ---------------------------------------------------------------- who is watched, open flags
-
-
-def watched_by_cgroup(cgroup_path: Path) -> Callable[[int], bool]:
-    """is_watched(tid): the thread's v2 cgroup is `cgroup_path` or beneath it (compared as
-    /proc/TID/cgroup names it: the v2 mount is looked up once, not per opener). A thread that is
-    gone, or outside our pid namespace (tid 0), counts as watched (see the module doc)."""
-    root = cgroups.find_v2_mount()
-    watched = Path(os.path.normpath(cgroup_path))
-    if not cgroups.is_within(watched, root):
-        raise GateError(f"{cgroup_path} is not in the cgroup v2 filesystem (mounted at {root})")
-    rel = "" if watched == root else str(watched.relative_to(root))
-
-    def is_watched(tid: int) -> bool:
-        if tid <= 0:
-            return True
-        try:
-            mine = cgroups.v2_cgroup_rel(tid)
-        except cgroups.CgroupError:
-            return True  # gone
-        if mine is None:
-            raise GateError(f"thread {tid} is in no cgroup v2 hierarchy")
-        return not rel or mine == rel or mine.startswith(rel + "/")
-
-    return is_watched
-
-
-# syscall number -> index of the flags argument, per architecture; exec counts as read-only.
-_OPEN_FLAG_ARG = {
-    "x86_64": {2: 1, 257: 2, 304: 2},  # open, openat, open_by_handle_at
-    "aarch64": {56: 2, 265: 2},  # openat, open_by_handle_at
-}
-_CREAT = {"x86_64": 85}
-_EXECS = {"x86_64": (59, 322), "aarch64": (221, 281)}
-_ARCH = platform.machine()
-
-
-def proc_open_flags(tid: int) -> int | None:
-    """The open(2) flags of the syscall thread `tid` is blocked in, from /proc/TID/syscall (its
-    number and register arguments); None if unknown (not an open we know, openat2, gone).
-    A 32-bit (compat) task reports its own numbers: none of them is an x86_64 open, so unknown."""
-    call = _syscall_of(tid)
-    if call is None:
-        return None
-    nr, args = call
-    if nr in _EXECS.get(_ARCH, ()):
-        return os.O_RDONLY
-    if nr == _CREAT.get(_ARCH):
-        return os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    index = _OPEN_FLAG_ARG.get(_ARCH, {}).get(nr)
-    return None if index is None else args[index] & 0xFFFFFFFF
-
-
-def _syscall_of(tid: int) -> tuple[int, list[int]] | None:
-    """(number, register arguments) of the syscall `tid` is blocked in, from /proc/TID/syscall;
-    None when gone, "running", or a kernel thread (io_uring workers among them)."""
-    try:
-        fd = os.open(f"/proc/{tid}/syscall", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        fields = os.read(fd, 512).split()
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    try:
-        return int(fields[0]), [int(a, 16) for a in fields[1:7]]
-    except (ValueError, IndexError):
-        return None
-
-
-def _execing(tid: int) -> bool:
-    """Is `tid` inside execve/execveat (its open of the program is the exec's own)?"""
-    call = _syscall_of(tid)
-    return call is not None and call[0] in _EXECS.get(_ARCH, ())
-
-
-def opens_for_write(flags: int | None) -> bool:
-    """Write, read-write, create or truncate; unknown flags count as write (fail closed)."""
-    return flags is None or bool(flags & WRITE_FLAGS)
-
+SWEEP_S = 0.25  # while opens are held, how often the answering thread looks for openers that died
 
 # ---------------------------------------------------------------- the running gate
 
@@ -430,6 +95,9 @@ class GateStats:
     unwatched_waits: int = 0
     unwatched_wait_total_us: float = 0.0  # event read -> response written, unwatched openers
     unwatched_wait_max_us: float = 0.0
+    held: int = 0  # opens held for an answer (ASK)
+    held_refused: int = 0  # ASK opens refused at once: over the bounds (counted in `denied` too)
+    held_dropped: int = 0  # held opens whose opener died before the answer
 
     def unwatched_wait(self, us: float) -> None:
         self.unwatched_waits += 1
@@ -439,7 +107,8 @@ class GateStats:
 
 @dataclass(frozen=True)
 class GateDecision:
-    """One denial, for the session's log (allowed opens are not reported)."""
+    """One open the gate refused or holds, for the session's log and the engine (opens allowed
+    at once are not reported)."""
 
     tid: int
     pid: int  # the thread group (process); the tid if the thread is gone
@@ -451,10 +120,12 @@ class GateDecision:
     ino: int = 0
     uid: int = -1  # the opener's, read while it waited for the answer (it may be gone after)
     comm: str = ""
+    held: int = 0  # a held open's token for FileGate.answer; 0: refused already
+    note: str = ""  # why an open the rule would hold was refused at once (a bound)
 
 
 class _Matcher:
-    """The plan's rules with the inodes behind its marks: says which rule denies an event."""
+    """The plan's rules with the inodes behind its marks: says which rule judges an event."""
 
     def __init__(self, plan: GatePlan, open_flags: Callable[[int], int | None]) -> None:
         self.rules = plan.rules
@@ -473,8 +144,9 @@ class _Matcher:
         else:
             self.inodes.setdefault(key, []).extend(mark.rules)
 
-    def denying_rule(self, event: fan.Event) -> tuple[str | None, str]:
-        """(name of the rule that denies the event or None, the opened path)."""
+    def deciding_rule(self, event: fan.Event) -> tuple[GateRule | None, str]:
+        """(the rule that refuses or holds the event, or None; the opened path). A rule that
+        refuses outright wins over one that would hold the open for an answer."""
         path = os.readlink(f"/proc/self/fd/{event.fd}").removesuffix(" (deleted)")
         st = os.fstat(event.fd)
         names = set(self.inodes.get((st.st_dev, st.st_ino), ()))
@@ -485,17 +157,20 @@ class _Matcher:
             pst = os.stat(parent or "/")
             candidates += [f"{d}/{base}" for d in self.dirs.get((pst.st_dev, pst.st_ino), ())]
         exec_ = bool(event.mask & fan.FAN_OPEN_EXEC_PERM)
+        found: GateRule | None = None
         for rule in self.rules:
             if rule.name not in names and not (rule.paths and any(rule.matches(c) for c in candidates)):
                 continue
-            if rule.kind is GateKind.EXEC and rule.verdict is not Verdict.KILL and (exec_ or _execing(event.pid)):
+            if rule.kind is GateKind.EXEC and rule.verdict is not Verdict.KILL and (exec_ or execing(event.pid)):
                 # HALT/ASK: the exec goes on into the kernel's exec hold (stopped before its
                 # first instruction until the guard decides), so an approved ASK or a resumed
                 # HALT still runs it. Reads of the binary (a copy, ld.so) are refused below.
                 continue
             if rule.kind is not GateKind.WRITE or (not exec_ and opens_for_write(self.open_flags(event.pid))):
-                return rule.name, path
-        return None, path
+                if not rule.holds:
+                    return rule, path
+                found = found or rule
+        return found, path
 
 
 class _NoVfork:
@@ -526,7 +201,8 @@ class _NoVfork:
 
 
 class _Reporter:
-    """Hands denials to `on_decision` on its own thread: the answering thread never waits for it."""
+    """Hands refusals and holds to `on_decision` on its own thread: the answering thread never
+    waits for it."""
 
     def __init__(self, on_decision: Callable[[GateDecision], None]) -> None:
         self.on_decision = on_decision
@@ -534,9 +210,9 @@ class _Reporter:
         self.thread = threading.Thread(target=self._run, name="ebpf-guard-gate-report", daemon=True)
         self.thread.start()
 
-    def put(self, tid: int, path: str, mask: int, rule: str, inode: Inode = (0, 0),
-            who: tuple[int, int, str] | None = None) -> None:
-        self.queue.put((tid, path, mask, rule, inode, who or (_tgid(tid), -1, "")))
+    def put(self, event: fan.Event, path: str, rule: str, who: tuple[int, int, str], inode: Inode, *,
+            held: int = 0, note: str = "") -> None:  # fmt: skip
+        self.queue.put((event.pid, path, event.mask, rule, inode, who, held, note))
 
     def close(self) -> None:
         self.queue.put(None)
@@ -544,41 +220,21 @@ class _Reporter:
 
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
-            tid, path, mask, rule, (dev, ino), (pid, uid, comm) = item
+            tid, path, mask, rule, (dev, ino), (pid, uid, comm), held, note = item
             kind = "exec" if mask & fan.FAN_OPEN_EXEC_PERM else "open"
             with suppress(Exception):  # the session's callback must not end the reporting
-                self.on_decision(GateDecision(tid, pid, path, kind, False, rule, dev, ino, uid, comm))
-
-
-def _who(tid: int) -> tuple[int, int, str]:
-    """(tgid, uid, comm) of a thread waiting for our answer: read now, it may exit right after."""
-    uid, comm = -1, ""
-    with suppress(OSError):
-        uid = os.stat(f"/proc/{tid}").st_uid
-        with open(f"/proc/{tid}/comm", "rb") as f:
-            comm = f.read().strip().decode(errors="replace")
-    return _tgid(tid), uid, comm
-
-
-def _tgid(tid: int) -> int:
-    try:
-        with open(f"/proc/{tid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Tgid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return tid
+                self.on_decision(GateDecision(tid, pid, path, kind, False, rule, dev, ino, uid, comm, held, note))
 
 
 class FileGate:
     """Owns one fanotify group (its fd and marks), the thread answering its permission events,
-    and the stats. Every event is answered exactly once and its fd closed; `close()` ends the
-    thread and drops every mark (closing the group fd)."""
+    the opens held for an answer, and the stats. Every event is answered exactly once and its fd
+    closed; `close()` answers what is held, ends the thread and drops every mark."""
 
     def __init__(self, plan: GatePlan, *, is_watched: Callable[[int], bool],
                  open_flags: Callable[[int], int | None] | None = None,
-                 on_decision: Callable[[GateDecision], None] | None = None) -> None:  # fmt: skip
+                 on_decision: Callable[[GateDecision], None] | None = None,
+                 max_held: int = MAX_HELD, max_held_per_process: int = MAX_HELD_PER_PROCESS) -> None:  # fmt: skip
         self.plan = plan
         self.stats = GateStats()
         self.notes: list[str] = []  # marks that failed at start()
@@ -586,6 +242,7 @@ class FileGate:
         self._matcher = _Matcher(plan, open_flags or proc_open_flags)
         self._on_decision = on_decision
         self._reporter: _Reporter | None = None
+        self._held = HeldOpens(self._respond_fd, limit=max_held, per_process=max_held_per_process)
         self._fan_fd = -1
         self._wake_fd = -1
         self._thread: threading.Thread | None = None
@@ -593,6 +250,11 @@ class FileGate:
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def held(self) -> int:
+        """How many opens wait for an answer now."""
+        return len(self._held)
 
     def start(self) -> None:
         """Create the group, add the plan's marks, start answering. GateError if fanotify
@@ -621,8 +283,16 @@ class FileGate:
             except OSError as e:
                 self.notes.append(f"{mark.path}: not marked ({e.strerror})")
 
+    def answer(self, token: int, allow: bool) -> bool:
+        """Answer a held open (GateDecision.held): allow lets the open succeed, deny makes it
+        fail with EPERM. False if it is no longer held (its opener died, or the gate closed)."""
+        return self._held.answer(token, allow)
+
     def close(self) -> None:
-        """Stop answering and drop every mark; pending opens are answered first. Idempotent."""
+        """Answer the held opens with the policy's ASK default (the kernel would allow them when
+        the group closes), stop answering and drop every mark; events already queued are
+        answered first. Idempotent."""
+        self._held.answer_all(self.plan.ask_default_allow)
         if self._thread is not None:
             os.eventfd_write(self._wake_fd, 1)
             self._thread.join()
@@ -648,62 +318,96 @@ class FileGate:
         poller.register(self._fan_fd, select.POLLIN)
         poller.register(self._wake_fd, select.POLLIN)
         stopping = False
+        swept = time.monotonic()
         while not stopping:
-            ready = poller.poll()
+            ready = poller.poll(SWEEP_S * 1000 if len(self._held) else None)
             stopping = any(fd == self._wake_fd for fd, _ in ready)
-            while True:  # drain: also the last events queued before close()
-                try:
-                    buf = os.read(self._fan_fd, 65536)
-                except BlockingIOError:
-                    break
-                except OSError:
-                    self.stats.errors += 1  # e.g. EMFILE: the kernel keeps the event queued
-                    break
-                read_ns = time.perf_counter_ns()
-                try:
-                    for event in fan.parse(buf):
-                        self._handle(event, read_ns)
-                except ValueError:
-                    self.stats.errors += 1  # an event format we do not speak: cannot answer it
+            self._drain()
+            if len(self._held) and time.monotonic() - swept >= SWEEP_S:
+                swept = time.monotonic()
+                self.stats.held_dropped += len(self._held.sweep())
+
+    def _drain(self) -> None:
+        """Answer every queued event (also the last ones queued before close())."""
+        while True:
+            try:
+                buf = os.read(self._fan_fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.stats.errors += 1  # e.g. EMFILE: the kernel keeps the event queued
+                return
+            read_ns = time.perf_counter_ns()
+            try:
+                for event in fan.parse(buf):
+                    self._handle(event, read_ns)
+            except ValueError:
+                self.stats.errors += 1  # an event format we do not speak: cannot answer it
 
     def _handle(self, event: fan.Event, read_ns: int) -> None:
         if event.fd == fan.FAN_NOFD:
             self.stats.errors += 1  # queue overflow: cannot happen with FAN_UNLIMITED_QUEUE
             return
+        kept = False
         try:
-            if not event.mask & fan.PERMISSION_EVENTS:
-                return
-            try:
-                watched = self._is_watched(event.pid)
-            except Exception:
-                watched, self.stats.errors = True, self.stats.errors + 1
-            if not watched:
-                self._respond(event, True)
-                self.stats.allowed_unwatched += 1
-                self.stats.unwatched_wait((time.perf_counter_ns() - read_ns) / 1000)
-                return
-            try:
-                rule, path = self._matcher.denying_rule(event)
-            except Exception:
-                rule, path = "(gate error)", "?"
-                self.stats.errors += 1
-            who = _who(event.pid) if rule is not None and self._reporter is not None else None
-            self._respond(event, rule is None)
-            if rule is None:
-                self.stats.allowed_watched += 1
-                return
-            self.stats.denied += 1
-            if self._reporter is not None:
-                inode = (0, 0)
-                with suppress(OSError):
-                    st = os.fstat(event.fd)
-                    inode = (st.st_dev, st.st_ino)
-                self._reporter.put(event.pid, path, event.mask, rule, inode, who)
+            if event.mask & fan.PERMISSION_EVENTS:
+                kept = self._judge(event, read_ns)
         finally:
-            os.close(event.fd)
+            if not kept:
+                os.close(event.fd)
+
+    def _judge(self, event: fan.Event, read_ns: int) -> bool:
+        """Answer the event, or hold it for an answer; True when it is held (its fd kept)."""
+        try:
+            watched = self._is_watched(event.pid)
+        except Exception:
+            watched, self.stats.errors = True, self.stats.errors + 1
+        if not watched:
+            self._respond(event, True)
+            self.stats.allowed_unwatched += 1
+            self.stats.unwatched_wait((time.perf_counter_ns() - read_ns) / 1000)
+            return False
+        try:
+            rule, path = self._matcher.deciding_rule(event)
+            name = rule.name if rule is not None else None
+        except Exception:
+            rule, name, path = None, "(gate error)", "?"
+            self.stats.errors += 1
+        if name is None:
+            self._respond(event, True)
+            self.stats.allowed_watched += 1
+            return False
+        who = who_is(event.pid) if self._reporter is not None else (tgid_of(event.pid), -1, "")
+        inode = _inode(event.fd)
+        note = ""
+        if rule is not None and rule.holds and self._reporter is not None:
+            note = self._held.refusal(who[0]) or ""
+            if not note:
+                token = self._held.hold(event.fd, event.pid, who[0])  # the event's fd is the hold's now
+                if token:  # 0: the opener is gone, and hold() answered the event
+                    self.stats.held += 1
+                    self._reporter.put(event, path, name, who, inode, held=token)
+                return True
+            self.stats.held_refused += 1
+        self._respond(event, False)
+        self.stats.denied += 1
+        if self._reporter is not None:
+            self._reporter.put(event, path, name, who, inode, note=note)
+        return False
 
     def _respond(self, event: fan.Event, allow: bool) -> None:
         try:
             fan.respond(self._fan_fd, event.fd, allow)
         except OSError:
             self.stats.errors += 1  # the opener was killed meanwhile: nothing waits for it
+
+    def _respond_fd(self, event_fd: int, allow: bool) -> None:
+        fan.respond(self._fan_fd, event_fd, allow)
+
+
+def _inode(fd: int) -> Inode:
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return (0, 0)
+    return (st.st_dev, st.st_ino)

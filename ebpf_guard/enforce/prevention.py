@@ -14,6 +14,11 @@ Where the sensor and engine judge a syscall after it happened, these layers refu
     them here when it lets a held program go, and resets the rate counters on a thaw;
   - the Landlock jail is `run`'s alone (jail.py; session.prepare_jail).
 
+An open the gate holds for a human (an ASK rule) is handed to the guard like a refused one; the
+guard's answer (`GateHolds.settle` at once, or `answer_ask` when the approval is answered) is the
+kernel's answer to the opener. The sensor's own event for that open comes after the answer, when
+the syscall returns: `answered_open` tells the guard it was decided already.
+
 A layer that this host or session cannot have is said once, at start, in one line each; it
 never fails the session silently or half set up. The guard keeps judging every event, so a
 refused syscall is still logged (`prevented`), with the rule that judged it.
@@ -22,6 +27,7 @@ refused syscall is still logged (`prevented`), with the rule that judged it.
 from __future__ import annotations
 
 import errno
+import os
 import queue
 import time
 from dataclasses import dataclass, field, replace
@@ -31,7 +37,8 @@ from typing import TYPE_CHECKING, Any
 from ebpf_guard.enforce import cgroups
 from ebpf_guard.events import READ, WRITE, Event, Kind
 from ebpf_guard.policy.identities import local_homes
-from ebpf_guard.verdicts import Decision, Mode
+from ebpf_guard.sensor import procfs
+from ebpf_guard.verdicts import Decision, Mode, Verdict
 
 if TYPE_CHECKING:
     from ebpf_guard.enforce.egress import Egress
@@ -39,6 +46,126 @@ if TYPE_CHECKING:
     from ebpf_guard.enforce.lsm import LsmEnforcer
     from ebpf_guard.policy import Policy
     from ebpf_guard.sensor import Sensor
+
+NOTE_GATE_HELD = "held_by_gate"  # an open the gate holds until the guard answers it
+ANSWER_MEMORY_NS = 30 * 1_000_000_000  # how long an answered open waits for the sensor's event of it
+MAX_ANSWERED = 256
+
+
+@dataclass
+class _Hold:
+    """An open the gate holds: its token, what the gate saw, and the event the guard judges."""
+
+    token: int
+    denial: GateDecision
+    event: Event
+
+
+@dataclass(frozen=True)
+class _Answered:
+    """An open the gate held and the guard answered; its sensor event is still to come."""
+
+    tid: int
+    ino: int
+    path: str
+    allowed: bool
+    ask: str
+    until_ns: int
+
+
+@dataclass(frozen=True)
+class GateAnswers:
+    """What became of the opens held for one approval."""
+
+    allowed: int = 0
+    refused: int = 0
+    gone: int = 0  # the opener died (or the gate closed) before the answer
+
+    def describe(self) -> str:
+        parts = [f"{n} {what}" for n, what in ((self.allowed, "allowed"), (self.refused, "refused (EPERM)"),
+                                                (self.gone, "gone before the answer")) if n]  # fmt: skip
+        return f"held open{'s' if sum((self.allowed, self.refused, self.gone)) > 1 else ''}: {', '.join(parts)}"
+
+
+class GateHolds:
+    """Owns the guard's side of the opens the gate holds for an answer: the ones not judged yet,
+    which approval each waits for, and the answered ones whose sensor event is still to come."""
+
+    def __init__(self) -> None:
+        self.gate: FileGate | None = None
+        self._unsettled: dict[int, _Hold] = {}  # id(event) -> held open not yet judged
+        self._waiting: dict[str, list[_Hold]] = {}  # approval id -> held opens
+        self._answered: list[_Answered] = []
+
+    def add(self, ev: Event, d: GateDecision) -> None:
+        """`ev` is the gate's event of held open `d`, about to be judged."""
+        self._unsettled[id(ev)] = _Hold(d.held, d, ev)
+
+    def is_held(self, ev: Event) -> bool:
+        """Is this the gate's event of an open that waits for the guard's answer?"""
+        hold = self._unsettled.get(id(ev))
+        return hold is not None and hold.event is ev
+
+    def settle(self, decision: Decision, ask: str | None) -> str:
+        """The guard judged a held open: it waits for approval `ask`, or (no ask) is answered
+        now, allowed only when the verdict lets it pass (SAFE, FLAG: e.g. an operator's
+        remembered "allow"). Sets `decision.prevented` when refused; says what was done."""
+        hold = self._unsettled.pop(id(decision.event))
+        if ask:
+            self._waiting.setdefault(ask, []).append(hold)
+            return f"held until [{ask}] is answered"
+        allow = decision.verdict in (Verdict.SAFE, Verdict.FLAG)
+        result = self._answer(hold, allow, "")
+        decision.prevented = result == "refused"
+        if decision.prevented:
+            decision.event.ret = -errno.EPERM  # what the opener got, for the record written next
+        return f"held open {result}"
+
+    def answer_ask(self, ask: str, allow: bool, decision: Decision | None = None) -> GateAnswers | None:
+        """An approval was answered (or timed out): the opens held for it get the same answer.
+        None when no open waits for it. Sets `decision.prevented` when they were refused."""
+        holds = self._waiting.pop(ask, [])
+        if not holds:
+            return None
+        results = [self._answer(h, allow, ask) for h in holds]
+        if decision is not None:
+            decision.prevented = not allow
+        return GateAnswers(results.count("allowed"), results.count("refused"), results.count("gone"))
+
+    def opens_waiting(self) -> bool:
+        """Does any open wait for an approval?"""
+        return bool(self._waiting)
+
+    def answered_open(self, ev: Event) -> str | None:
+        """If `ev` is the sensor's event of an open the gate held and the guard answered (it is
+        reported when the syscall returns, after the answer), what was done; else None."""
+        if ev.kind is not Kind.OPEN or NOTE_GATE_HELD in ev.notes or not self._answered:
+            return None
+        now = time.monotonic_ns()
+        self._answered = [a for a in self._answered if a.until_ns > now]
+        for a in self._answered:
+            if a.tid != ev.pid or (ev.ret is not None and (ev.ret >= 0) != a.allowed):
+                continue
+            names = {p for p in (ev.real_path, ev.path, ev.raw_path) if p}
+            base = os.path.basename(a.path)
+            if (ev.ino and ev.ino == a.ino) or a.path in names or any(os.path.basename(p) == base for p in names):
+                self._answered.remove(a)
+                by = f" by [{a.ask}]" if a.ask else ""
+                return f"none (held at the gate and {'allowed' if a.allowed else 'refused'}{by})"
+        return None
+
+    def _answer(self, hold: _Hold, allow: bool, ask: str) -> str:
+        if self.gate is None or not self.gate.answer(hold.token, allow):
+            return "gone"
+        d = hold.denial
+        self._answered.append(_Answered(d.tid, d.ino, d.path, allow, ask, time.monotonic_ns() + ANSWER_MEMORY_NS))
+        del self._answered[:-MAX_ANSWERED]
+        return "allowed" if allow else "refused"
+
+    def clear(self) -> None:
+        self.gate = None
+        self._unsettled.clear()
+        self._waiting.clear()
 
 
 @dataclass
@@ -54,6 +181,7 @@ class Prevention:
     record: dict[str, Any] = field(default_factory=dict)  # the same, for the session record
     _denials: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     _approved: set[tuple[str, int]] = field(default_factory=set)  # destinations an operator allowed
+    holds: GateHolds = field(default_factory=GateHolds)  # opens the gate holds for the guard's answer
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -115,7 +243,7 @@ class Prevention:
         except GateError as e:
             self._say("gate", {"error": str(e)}, f"file gates: none: {e}")
             return
-        self.gate = gate
+        self.gate = self.holds.gate = gate
         lines = [f"file gates (fanotify): {len(plan.marks)} marks", *(f"  {x}" for x in plan.describe()),
                  *(f"  not marked: {n}" for n in gate.notes)]
         self._say("gate", {"marks": [m.path for m in plan.marks if m.target != "ignore"],
@@ -167,7 +295,7 @@ class Prevention:
         if not ev.addr or (ev.addr, ev.port) in self._approved or not self.egress.plan.enforce:
             return False
         try:
-            return bool(self.egress.plan.decide(ev.addr, ev.port) & DENY)
+            return bool(self.egress.plan.decide(ev.addr, ev.port, ev.protocol) & DENY)
         except EgressError:
             return False
 
@@ -196,10 +324,11 @@ class Prevention:
             self.lsm.reset_rate()
 
     def gate_event(self, d: GateDecision) -> Event:
-        """The syscall a gate refused, as the sensor would report it had it seen the file: the
-        sensor's own event for a refused open names only the text asked for (no file was
-        opened, so nothing to walk), so a symlink or hard link to a key would go unjudged.
-        The gate saw the file itself: its path and inode, and the rule that named it."""
+        """The syscall a gate refused or holds, as the sensor would report it had it seen the
+        file: the sensor's own event for a refused open names only the text asked for (no file
+        was opened, so nothing to walk), so a symlink or hard link to a key would go unjudged.
+        The gate saw the file itself: its path and inode, and the rule that named it. A held
+        open has no result yet (ret None); the guard's answer to it is `settle`d."""
         from ebpf_guard.enforce.gates import GateKind
 
         st = self.sensor.process(d.pid) if self.sensor is not None else None
@@ -207,17 +336,26 @@ class Prevention:
         kinds = {r.name: r.kind for r in self.gate.plan.rules} if self.gate is not None else {}
         ev = Event(Kind.EXEC if d.mask == "exec" else Kind.OPEN, time.monotonic_ns(), d.tid, d.pid,
                    st.ppid if st else 0, uid, comm, 0, st.start_ns if st else 0,
-                   raw_path=d.path, path=d.path, ret=-errno.EPERM)
+                   raw_path=d.path, path=d.path, ret=None if d.held else -errno.EPERM)
         ev.real_path, ev.dev, ev.ino, ev.exe = d.path, d.dev, d.ino, st.exe if st else ""
-        ev.notes = ("refused_by_gate",)
+        if st is None:
+            # The gate's answer outruns the sensor's events (perf buffers, the loop): a process
+            # just started (ssh under git) is not in its model yet. Who it is and who started
+            # it decide rules with process conditions, so read them while it waits for us.
+            stat = procfs.read_stat(d.pid)
+            ev.ppid = stat[0] if stat else 0
+            ev.exe = procfs.read_exe(d.pid).removesuffix(" (deleted)")
+        ev.notes = (NOTE_GATE_HELD,) if d.held else ("refused_by_gate",)
         if ev.kind is Kind.EXEC:
             ev.argv = (d.path,)
         else:
             ev.access = frozenset({WRITE} if kinds.get(d.rule) is GateKind.WRITE else {READ})
+        if d.held:
+            self.holds.add(ev, d)
         return ev
 
     def denials(self) -> list[GateDecision]:
-        """Gate denials since the last call (answered on the gate's thread)."""
+        """Gate refusals and holds since the last call (reported by the gate's thread)."""
         out = []
         while True:
             try:
@@ -226,16 +364,20 @@ class Prevention:
                 return out
 
     def close(self) -> None:
+        """Stop every layer. The gate answers the opens it still holds with the policy's ASK
+        default (the kernel would allow them when its group closes)."""
         for layer in (self.gate, self.egress, self.lsm):
             if layer is not None:
                 layer.close()
         self.gate = self.egress = self.lsm = None
+        self.holds.clear()
 
 
 def gate_record(d: GateDecision) -> dict[str, Any]:
-    """The log record of one gate denial (the sensor's event for the same syscall carries
-    the verdict; this says which layer refused it)."""
-    return {"type": "prevented", "layer": "fanotify", "pid": d.pid, "tid": d.tid, "path": d.path,
-            "access": d.mask, "rule": d.rule}
-
-
+    """The log record of one gate refusal or hold (the event for the same syscall carries the
+    verdict; this says which layer refused or holds it, and why a held rule refused at once)."""
+    rec = {"type": "held" if d.held else "prevented", "layer": "fanotify", "pid": d.pid, "tid": d.tid,
+           "path": d.path, "access": d.mask, "rule": d.rule}  # fmt: skip
+    if d.note:
+        rec["why"] = d.note
+    return rec

@@ -66,6 +66,10 @@ _EXPECT: dict[str, str | int] = {
     "mm_struct.exe_file": "*",
     # BPF-LSM (bpf/lsm.c): a file opened for writing or by exec, and the program an exec checks.
     "file.f_mode": 4, "file.f_flags": 4, "linux_binprm.file": "*",
+    # The socket behind a connect's fd (its protocol) and the size an ftruncate cuts from.
+    "file.private_data": "*", "inode.i_mode": 2, "inode.i_size": 8,
+    "socket.type": 2, "socket.file": "*", "socket.sk": "*",
+    "sock.__sk_common": "struct sock_common", "sock.sk_protocol": 2, "sock_common.skc_family": 2,
 }
 # (struct, member) pairs the BPF programs need.
 FIELDS: tuple[tuple[str, str], ...] = tuple((k.split(".")[0], k.split(".")[1]) for k in _EXPECT)

@@ -15,9 +15,11 @@ from ebpf_guard.events import (
     CREATE,
     F_ARGV_TRUNC,
     F_BY_INODE,
+    F_CREATED,
     F_HELD,
     F_KILLED,
     F_NO_PROC,
+    F_NOTHING_CUT,
     F_PATH_TRUNC,
     F_RATE_HELD,
     F_REAL,
@@ -30,6 +32,7 @@ from ebpf_guard.events import (
     MAX_ARGS,
     NOTE_HELD,
     NOTE_KILLED,
+    NOTE_NOTHING_CUT,
     NOTE_PATH_TRUNCATED,
     NOTE_PROC_UNKNOWN,
     NOTE_RATE_HELD,
@@ -103,6 +106,8 @@ _EXEC_ARGV_OFF = RawExecEvent.argv.offset
 _CONN = struct.Struct("<HHI16s")  # family, port (big-endian on the wire), addrlen, addr
 _CONN_OFF = RawConnectEvent.family.offset
 _CONN_UNIX_OFF = RawConnectEvent.unix_path.offset
+_SOCK = struct.Struct("<BBH")  # the socket behind the fd: family, type, protocol (0 = unknown)
+_SOCK_OFF = RawConnectEvent.sk_family.offset
 _OPEN = next(code for code, kind in KIND_CODES.items() if kind is Kind.OPEN)
 _FAMILIES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6", socket.AF_UNIX: "unix"}
 # Kinds whose record is a struct ev_path.
@@ -113,6 +118,30 @@ _PATH_KINDS = frozenset({Kind.OPEN, Kind.UNLINK, Kind.CHDIR, Kind.RENAME, Kind.L
 _DIR_KINDS = frozenset({Kind.UNLINK, Kind.RENAME, Kind.LINK, Kind.SYMLINK, Kind.TRUNCATE})
 _CUT = "…"  # marks a real path whose kernel walk hit a bound
 MSG_FASTOPEN = 0x20000000
+SOCK_STREAM, SOCK_DGRAM, SOCK_RAW, SOCK_SEQPACKET = 1, 2, 3, 5
+_UNIX_TYPES = {SOCK_STREAM: "stream", SOCK_DGRAM: "dgram", SOCK_SEQPACKET: "seqpacket"}
+_TCP = frozenset({6, 262})  # IPPROTO_TCP, IPPROTO_MPTCP
+_UDP = frozenset({17, 136})  # IPPROTO_UDP, IPPROTO_UDPLITE
+_ICMP = frozenset({1, 58})  # IPPROTO_ICMP, IPPROTO_ICMPV6: ping sockets
+IPPROTO_SCTP = 132
+
+
+def socket_protocol(family: int, sock_type: int, protocol: int) -> str:
+    """A socket's protocol name (Event.protocol) from its family, type and IPPROTO_*; "" when
+    unknown. The one mapping: bpf/egress.c's eg_class() classifies the same way."""
+    if family == socket.AF_UNIX:
+        return _UNIX_TYPES.get(sock_type, "")
+    if family not in (socket.AF_INET, socket.AF_INET6):
+        return ""
+    if protocol == IPPROTO_SCTP:
+        return "sctp"
+    if sock_type == SOCK_RAW:
+        return "raw"
+    if sock_type == SOCK_STREAM and protocol in _TCP:
+        return "tcp"
+    if sock_type == SOCK_DGRAM:
+        return "udp" if protocol in _UDP else "icmp" if protocol in _ICMP else ""
+    return ""
 
 
 def user_dev(kernel_dev: int) -> int:
@@ -164,6 +193,13 @@ def _access(flags: int) -> frozenset[str]:
         # Linux truncates even with O_RDONLY when the caller may write the file.
         out.add(TRUNCATE)
     return frozenset(out)
+
+
+def _created(flags: int, sc_flags: int, ret: int) -> bool:
+    """Did this open create its file? FMODE_CREATED as the kernel left it at exit (F_CREATED),
+    or a successful O_TMPFILE open, which always makes a new (nameless) inode but is not
+    marked FMODE_CREATED."""
+    return bool(flags & F_CREATED) or ((sc_flags & O_TMPFILE) == O_TMPFILE and ret >= 0)
 
 
 _ACCESS_CACHE: dict[int, frozenset[str]] = {}
@@ -245,6 +281,7 @@ class Decoder:
                         (), False, sc_flags, _access_cached(sc_flags), ret,
                     )  # fmt: skip
                     ev.exe = st.exe
+                    ev.created = _created(flags, sc_flags, ret)
                     if flags & F_REAL:
                         real_b = r[end : end + rlen]
                         # Most opens name the file by its real path: one decode for both.
@@ -354,6 +391,7 @@ class Decoder:
             ev.dest_real_path = self._entry_real(raw2, real2, flags & F_REAL2, tgid, st)
         if kind is Kind.OPEN:
             ev.access = _access_cached(sc_flags)
+            ev.created = _created(flags, sc_flags, ret)
             if ret >= 0:
                 known = ev.real_path if ev.real_path and not ev.path_cut else path
                 if known is not None:
@@ -362,6 +400,8 @@ class Decoder:
             ev.is_dir = bool(sc_flags & AT_REMOVEDIR)
         elif kind is Kind.TRUNCATE:
             ev.access = frozenset({WRITE, TRUNCATE})
+            if flags & F_NOTHING_CUT:
+                notes.append(NOTE_NOTHING_CUT)
         elif kind is Kind.CHDIR and ret == 0:
             st.cwd = ev.real_path if ev.real_path and not ev.path_cut else path
 
@@ -457,6 +497,8 @@ def decode_dest(ev: Event, r: bytes, flags: int, sc_flags: int) -> None:
     ev.port = socket.ntohs(port)
     ev.via = "sendto" if flags & F_SENDTO else "sendmsg" if flags & F_SENDMSG else "connect"
     ev.flags = sc_flags
+    if len(r) >= _SOCK_OFF + _SOCK.size:
+        ev.protocol = socket_protocol(*_SOCK.unpack_from(r, _SOCK_OFF))
     if family == socket.AF_INET:
         ev.addr = socket.inet_ntop(socket.AF_INET, addr[:4])
     elif family == socket.AF_INET6:
