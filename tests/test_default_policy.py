@@ -122,6 +122,8 @@ DEFAULT = [
     case("ssh-key-for-git", under(["/usr/bin/git", "/usr/bin/ssh"], unlink(KEY)), "KILL", "ssh-keys-delete"),
     case("ssh-keys-delete", unlink(f"{HOME}/.ssh/id_rsa"), "KILL"),
     case("ssh-keys-delete", unlink(f"{HOME}/.sshx"), "SAFE", ""),
+    case("ssh-keys-delete", unlink("/srv/deploy/id_rsa"), "KILL"),
+    case("ssh-keys-delete", unlink("/tmp/pytest-of-root/garbage-1/t0/home/.ssh/id_rsa"), "SAFE", ""),  # fixtures
     case("credentials", open_(f"{HOME}/.aws/credentials"), "KILL"),
     case("tool-credentials", open_(f"{HOME}/.git-credentials"), "KILL"),
     case("tool-credentials", under(["/usr/bin/bash", "/usr/bin/cat"], open_(f"{HOME}/.netrc")), "KILL"),

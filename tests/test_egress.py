@@ -249,8 +249,11 @@ def egress(tmp_cgroup: Path) -> Iterator[Callable[..., Egress]]:
     """egress(policy text or bundled name, hosts=None): an Egress started on tmp_cgroup."""
     started: list[Egress] = []
 
-    def start(source: str, hosts: dict[str, list[str]] | None = None) -> Egress:
-        policy = parse_policy(source) if "\n" in source else load_policy(POLICY_DIR / source, identities=False)
+    def start(source: str | Policy, hosts: dict[str, list[str]] | None = None) -> Egress:
+        if isinstance(source, Policy):
+            policy = source
+        else:
+            policy = parse_policy(source) if "\n" in source else load_policy(POLICY_DIR / source, identities=False)
         eg = Egress(tmp_cgroup, plan_egress(policy, hosts=hosts))
         started.append(eg)
         eg.start()
@@ -318,7 +321,7 @@ def test_allowed_by_cidr_and_port(lab: NetnsHost, agent: Agent, egress: Callable
 @requires_bpf
 def test_allowed_by_host_name(lab: NetnsHost, agent: Agent, egress: Callable[..., Egress]) -> None:
     """strict.yaml's known-apis (host: api.github.com, port 443), the name resolving to the lab;
-    UDP to port 53 (strict's dns rule) passes too."""
+    strict's dns rule lets UDP to port 53 through to this host's resolvers only, not the lab."""
     eg = egress("strict.yaml")
     assert agent.tcp(lab.addr4, HOST_TCP, _tag("before")) == errno.EPERM
     eg.update_hosts({"api.github.com": [lab.addr4, lab.addr6]})
@@ -329,8 +332,20 @@ def test_allowed_by_host_name(lab: NetnsHost, agent: Agent, egress: Callable[...
     assert agent.tcp(lab.addr4, DENIED_TCP, _tag("not-443")) == errno.EPERM
     eg.update_hosts({"api.github.com": [lab.addr6]})  # the IPv4 answer is gone: so is its entry
     assert agent.tcp(lab.addr4, HOST_TCP, _tag("after")) == errno.EPERM
+    assert agent.udp(lab.addr4, DNS_UDP, _tag("dns")) == errno.EPERM  # the lab is no resolver here
+
+
+@requires_bpf
+def test_dns_only_to_the_resolvers_over_udp(lab: NetnsHost, agent: Agent, egress: Callable[..., Egress]) -> None:
+    """strict.yaml with the lab as the system's resolver: UDP to its port 53 passes, TCP to it does
+    not (DNS over TCP is no exemption), nor UDP port 53 anywhere else."""
+    text = (POLICY_DIR / "strict.yaml").read_text()
+    policy = parse_policy(text, str(POLICY_DIR / "strict.yaml"), builtin_lists={"system_resolvers": (lab.addr4,)})
+    egress(policy)
     dns = _tag("dns")
     assert agent.udp(lab.addr4, DNS_UDP, dns) == 0 and lab.wait_received("udp", DNS_UDP, dns)
+    assert agent.udp(lab.addr6, DNS_UDP, _tag("dns6")) == errno.EPERM
+    assert agent.tcp(lab.addr4, DNS_UDP, _tag("dns-tcp")) == errno.EPERM
 
 
 @requires_bpf

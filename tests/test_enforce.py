@@ -202,7 +202,9 @@ def test_fast_deletes_are_halted(tmp_cgroup, tmp_path, ws, outside):
         open({str(marker)!r}, 'w')
     """
     log = tmp_path / "v.jsonl"
-    with GuardRun(tmp_cgroup, log, agent(code), workspace=ws) as run:
+    # Without the jail (which refuses these deletions outright: test_prevent.py): the rate rule's
+    # own response is what is tested here.
+    with GuardRun(tmp_cgroup, log, agent(code), workspace=ws, extra=("--no-jail",)) as run:
         assert_frozen_then_kill(run)
     assert ("HALT", "mass-delete") in verdicts_of(log)
     assert not marker.exists()

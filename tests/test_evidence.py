@@ -154,11 +154,11 @@ def test_no_raw_secret_reaches_disk(tmp_cgroup, tmp_path, ws):
 
 
 def test_replay_reproduces_the_logged_verdicts(tmp_cgroup, tmp_path, ws, outside):
-    (ws / ".env").write_text("X=1\n")
+    (outside / ".env").write_text("X=1\n")  # in the workspace: work, not judged
     for i in range(5):
-        (ws / f"f{i}").write_text("x")
-    script = (f"cat {ws}/.env >/dev/null; curl --version >/dev/null; echo x > {outside}/o; "
-              f"rm {ws}/f0 {ws}/f1 {ws}/f2 {ws}/f3; chmod 777 {ws}/f4")
+        (outside / f"f{i}").write_text("x")
+    script = (f"cat {outside}/.env >/dev/null; curl --version >/dev/null; echo x > {outside}/o; "
+              f"rm {outside}/f0 {outside}/f1 {outside}/f2 {outside}/f3; chmod 777 {outside}/f4")
     log, rec = tmp_path / "v.jsonl", tmp_path / "s.rec"
     with GuardRun(tmp_cgroup, log, ["sh", "-c", script], mode="audit", workspace=ws,
                   extra=("--record", str(rec))) as run:

@@ -229,8 +229,9 @@ def _killed(batch: Batch, step: str, rec: dict | None = None) -> None:
 def _key_kill(b: Batch, real: Path, **requested) -> dict:
     """The KILL for a key reached by another name: the sensor's (judged on the name asked for,
     walked to the file) or, since issue #10, the fanotify gate's (the open was refused, so the
-    sensor had no file to walk: the gate reports the file it refused, and that is judged)."""
-    gated = [r for r in b.kills() if "refused_by_gate" in r["event"].get("notes", [])
+    sensor had no file to walk: the gate reports the file it refused, and that is judged; a rule
+    with exceptions, as ssh-keys has, is held at the gate until the engine's verdict)."""
+    gated = [r for r in b.kills() if {"refused_by_gate", "held_by_gate"} & set(r["event"].get("notes", []))
              and r["event"].get("real_path") == str(real)]
     sensed = [r for r in b.kills(**requested) if str(real) in (r["event"].get("real_path"), r["event"]["path"])]
     found = sensed or gated

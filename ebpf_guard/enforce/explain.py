@@ -78,8 +78,11 @@ def explain(policy: Policy, host: HostLayers, *, workspace: str, homes: list[str
     policy = replace(policy, mode=mode or policy.mode)
     engine = Engine(policy, workspace=workspace, home_of=lambda _uid: homes[0] if homes else None)
     gated = {}
+    holding: set[str] = set()
     if host.fanotify:
-        for mark in plan_gates(policy, workspace=workspace, homes=homes, identities=policy.identities).marks:
+        gate_plan = plan_gates(policy, workspace=workspace, homes=homes, identities=policy.identities)
+        holding = {r.name for r in gate_plan.rules if r.holds}
+        for mark in gate_plan.marks:
             for name in mark.rules:
                 gated.setdefault(name, []).append(mark.target)
     egress = {}
@@ -112,10 +115,15 @@ def explain(policy: Policy, host: HostLayers, *, workspace: str, homes: list[str
         elif rule.kind is Kind.EXEC and rule.name in hold_rules and held:
             watch.append(("kernel: exec hold until decided (SIGSTOP; a SIGCONT from anyone else is fatal)",
                           PREVENTS))
-        if rule.name in gated and not host.bpf_lsm:  # with BPF-LSM the session sets no gate
+        # With BPF-LSM the gate keeps only what an LSM hook cannot decide (prevention.py).
+        if rule.name in gated and (not host.bpf_lsm or rule.userspace_only or rule.verdict is Verdict.ASK):
             targets = set(gated[rule.name])
-            what = "exec and read of the binaries" if "binary" in targets else "opens of the files"
-            watch.append((f"fanotify gate: EPERM for {what}", PREVENTS))
+            if rule.name in holding:
+                who = "a human's answer" if rule.verdict is Verdict.ASK else "the engine's verdict on who opens it"
+                watch.append((f"fanotify gate: the open waits for {who}; EPERM if refused", PREVENTS))
+            else:
+                what = "exec and read of the binaries" if "binary" in targets else "opens of the files"
+                watch.append((f"fanotify gate: EPERM for {what}", PREVENTS))
         if rule.name in egress:
             use = egress[rule.name]
             if use.kernel == "deny":
@@ -132,6 +140,8 @@ def explain(policy: Policy, host: HostLayers, *, workspace: str, homes: list[str
             run.insert(0, ("seccomp in the jail: EPERM for io_uring_setup", PREVENTS))
         elif _jail_covers(rule, jail, workspace, homes):
             run.insert(0, ("Landlock jail: EACCES outside the workspace and harmless places", PREVENTS))
+        elif jail.active and _other_processes_only(rule):
+            run.insert(0, ("Landlock jail: no ptrace-mode access (environ, mem) to processes outside it", PREVENTS))
         rows.append(RuleEnforcement(rule.name, rule.kind.value, rule.verdict.value,
                                     "; ".join(w for w, _ in watch), _effect(watch),
                                     "; ".join(w for w, _ in run), _effect(run), rule.tier.label))
@@ -140,6 +150,8 @@ def explain(policy: Policy, host: HostLayers, *, workspace: str, homes: list[str
 
 def _lsm_use(rule: Rule, rate_rule: Rule | None) -> list[tuple[str, str]]:
     """What bpf/lsm.c does with the rule (the selection of enforce/lsm.py's plan_lsm)."""
+    if rule.userspace_only and rule is not rate_rule:
+        return []  # who does it decides: the gate asks the engine (prevention.py)
     m, deny = rule.match, rule.verdict in (Verdict.KILL, Verdict.HALT)
     if rule is rate_rule:
         return [(f"BPF-LSM: EPERM for deletions after {rule.rate.count if rule.rate else 0}", PREVENTS)]
@@ -176,6 +188,14 @@ def _unlink_rate_rule(policy: Policy, count: int) -> Rule | None:
         if r.kind is Kind.UNLINK and r.rate is not None and r.rate.count == count and not r.match.has_target():
             return r
     return None
+
+
+def _other_processes_only(rule: Rule) -> bool:
+    """An open rule about other processes' /proc/PID/{environ,mem}: a Landlock domain denies
+    its members ptrace-mode access to every process outside it, which these opens need."""
+    paths = rule.match.paths
+    return rule.kind is Kind.OPEN and bool(paths) and all(
+        p.startswith("/proc/") and p.rsplit("/", 1)[-1] in ("environ", "mem") for p in paths)
 
 
 def _jail_covers(rule: Rule, jail: JailPlan, workspace: str, homes: list[str]) -> bool:

@@ -230,6 +230,8 @@ def _file_rules(policy: Policy) -> tuple[list[Rule], list[Rule]]:
     for rule in policy.rules:
         if rule.verdict not in _DENY_VERDICTS or not rule.match.paths or rule.rate is not None:
             continue
+        if rule.userspace_only:  # who opens it, or an exception, decides: the gate asks the engine
+            continue
         if rule.kind is Kind.OPEN:
             access = rule.match.access
             (read_rules if not access or READ in access else write_rules).append(rule)
@@ -258,6 +260,8 @@ def _tool_inodes(policy: Policy, identities: Identities, notes: list[str], verdi
     paths: dict[Inode, str] = {}
     for rule in policy.rules:
         if rule.kind not in _PROGRAM_KINDS or rule.verdict not in verdicts or rule.rate is not None:
+            continue
+        if rule.userspace_only:
             continue
         m = rule.match
         if m.args_any or m.args_regex or m.flags or m.operands or m.operands_not or m.paths_not:

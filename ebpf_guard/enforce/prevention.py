@@ -195,8 +195,15 @@ class Prevention:
         policy = replace(policy, mode=mode)
         try:
             self._start_lsm(policy, cgroup, workspace)
-            if self.lsm is None:  # BPF-LSM judges the same files earlier, in the kernel
+            if self.lsm is None:
                 self._start_gate(policy, cgroup, workspace)
+            else:
+                # BPF-LSM judges the plain file rules earlier, in the kernel. An LSM hook cannot
+                # wait for a human or ask the engine who the opener is: ASK file rules and rules
+                # with exceptions or process conditions stay with the gate, which can.
+                rest = tuple(r for r in policy.rules if r.userspace_only or r.verdict is Verdict.ASK)
+                if rest:
+                    self._start_gate(replace(policy, rules=rest), cgroup, workspace)
             self._start_egress(policy, mode, cgroup, hosts)
         except BaseException:
             self.close()

@@ -15,10 +15,15 @@ pgrep -P $$ sleep >/dev/null
 grep -qz '^HOME=' /proc/self/environ
 grep -qz '^HOME=' "/proc/$sleeper/environ"        # our own child's environment
 python3 - <<'PY'
-import os, subprocess, sys
+import os, subprocess, sys, time
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env={**os.environ, "APP_MODE": "test"})
 try:
-    environ = open(f"/proc/{child.pid}/environ", "rb").read()
+    # Popen returns once the exec has begun; the kernel sets the new environment a moment later.
+    for _ in range(200):
+        environ = open(f"/proc/{child.pid}/environ", "rb").read()
+        if environ:
+            break
+        time.sleep(0.01)
     assert b"APP_MODE=test" in environ
     open(f"/proc/{child.pid}/status").read()
     open(f"/proc/{child.pid}/cmdline", "rb").read()
