@@ -37,8 +37,15 @@ apt_install() {
 }
 
 setup_packages() {
-  apt_install "${APT_PACKAGES[@]}" "${CORPUS_PACKAGES[@]}"
-  command -v npm >/dev/null || apt_install npm
+  apt_install "${APT_PACKAGES[@]}"
+  if [ "${EBPF_GUARD_CORPUS_TOOLS:-1}" = 1 ]; then
+    apt_install "${CORPUS_PACKAGES[@]}"
+    command -v npm >/dev/null || apt_install npm
+  else
+    # The offline guest images (vagrant/qemu.sh) carry no build toolchain: corpus entries whose
+    # tool is missing skip and say which.
+    say "EBPF_GUARD_CORPUS_TOOLS=0: not installing the corpus's tools (${CORPUS_PACKAGES[*]} npm)"
+  fi
   if grep -qi '^ID=debian' /etc/os-release; then
     apt_install "${OPTIONAL_PACKAGES[@]}" || say "optional packages unavailable: ${OPTIONAL_PACKAGES[*]} (the HTML render test and the bpftool cross-check will skip)"
   else

@@ -463,7 +463,7 @@ run_guest() {  # runs "${CMD[*]}" in the guest on a throwaway overlay; exits wit
 guest_project_command() {  # bootstrap.sh subcommand, args...
   local sub="$1"; shift
   local args=""; [ $# -eq 0 ] || args="$(printf ' %q' "$@")"
-  CMD=("export EBPF_GUARD_SLOWDOWN=$SLOWDOWN; bash vagrant/provision.sh && bash scripts/bootstrap.sh $sub$args")
+  CMD=("export EBPF_GUARD_SLOWDOWN=$SLOWDOWN EBPF_GUARD_CORPUS_TOOLS=0; bash vagrant/provision.sh && bash scripts/bootstrap.sh $sub$args")
 }
 
 # CI's guest stage: one boot of a stock Debian guest that loads the real sensor (doctor), runs
@@ -488,7 +488,7 @@ ci_stage() {
   say "vagrant validate"
   (cd "$HERE" && VAGRANT_DEFAULT_PROVIDER=libvirt vagrant validate) || die "vagrant validate failed"
   local tests; tests="$(printf ' %q' "${CI_TESTS[@]}")"
-  CMD=("export EBPF_GUARD_SLOWDOWN=$SLOWDOWN; set -e; bash vagrant/provision.sh >/dev/null;"
+  CMD=("export EBPF_GUARD_SLOWDOWN=$SLOWDOWN EBPF_GUARD_CORPUS_TOOLS=0; set -e; bash vagrant/provision.sh >/dev/null;"
        "echo '== doctor (loads every program of the real sensor)'; .venv/bin/ebpf-guard doctor;"
        "echo '== demo'; bash scripts/bootstrap.sh demo;"
        "echo '== enforcement tests'; bash scripts/bootstrap.sh test -q -p no:cacheprovider$tests")
