@@ -50,8 +50,12 @@ def test_without_the_layers_file_and_network_rules_are_only_contained(tmp_path: 
 
 def test_bpf_lsm_takes_the_file_rules_where_the_host_has_it(tmp_path: Path) -> None:
     rows = rows_for(tmp_path, HostLayers(fanotify=True, landlock_abi=7, cgroup_bpf=True, btf=True, bpf_lsm=True))
-    assert "BPF-LSM" in rows["ssh-keys"].watch and "fanotify" not in rows["ssh-keys"].watch
+    assert "BPF-LSM" in rows["credentials"].watch and "fanotify" not in rows["credentials"].watch
     assert "BPF-LSM" in rows["mass-delete"].watch
+    # An LSM hook cannot ask the engine who opens a file: ssh-keys (its exception: git's ssh)
+    # and ASK rules stay with the gate, which holds the open for the verdict.
+    assert "BPF-LSM" not in rows["ssh-keys"].watch and "waits for" in rows["ssh-keys"].watch
+    assert "a human's answer" in rows["git-credentials"].watch
 
 
 def test_audit_mode_prevents_nothing(tmp_path: Path) -> None:

@@ -22,7 +22,6 @@ import pytest
 
 from ebpf_guard.enforce import cgroups
 from ebpf_guard.enforce.lsm import (
-    DENY_OPEN,
     DENY_WRITE,
     HOOKS,
     LsmEnforcer,
@@ -55,6 +54,8 @@ def fake_home(tmp_path: Path) -> Path:
     (home / ".ssh").mkdir(parents=True)
     (home / ".ssh" / "id_ed25519").write_bytes(KEY_BYTES)
     (home / ".bashrc").write_bytes(CONFIG_BYTES)
+    (home / ".aws").mkdir()
+    (home / ".aws" / "credentials").write_bytes(b"[default]\naws_secret_access_key = x\n")
     return home
 
 
@@ -75,8 +76,11 @@ def test_plan_from_default_policy(fake_home: Path, tmp_path: Path) -> None:
     identities = compile_identities(policy, workspace=str(ws), homes=[str(fake_home)])
     plan = plan_lsm(policy, identities, workspace=str(ws), homes=[str(fake_home)])
     key, config = _inode(fake_home / ".ssh" / "id_ed25519"), _inode(fake_home / ".bashrc")
-    assert key in plan.deny_open_inodes  # ssh-keys: any open
+    # ssh-keys has an exception (git's ssh: an ASK): who opens it decides, so the gate holds the
+    # open for the engine; the LSM only refuses its deletion (ssh-keys-delete).
+    assert key not in plan.deny_open_inodes
     assert key in plan.deny_write_inodes  # ssh-keys-delete
+    assert _inode(fake_home / ".aws" / "credentials") in plan.deny_open_inodes  # credentials: any open
     assert config in plan.deny_write_inodes and config not in plan.deny_open_inodes  # write only
     assert plan.unlink_rate == (3, 10_000_000_000)  # mass-delete
     assert _inode(Path("/tmp")) in plan.rate_exempt_dirs
@@ -88,8 +92,8 @@ def test_plan_from_default_policy(fake_home: Path, tmp_path: Path) -> None:
     rm = shutil.which("rm")  # recursive-rm judges flags: not the kernel's
     assert rm is None or _inode(Path(os.path.realpath(rm))) not in plan.deny_exec_inodes | plan.hold_exec_inodes
     flags = plan.inode_flags()
-    assert flags[key] == DENY_OPEN | DENY_WRITE and flags[config] == DENY_WRITE
-    assert any(line.startswith("deny open: ") and "id_ed25519" in line for line in plan.describe())
+    assert flags[key] == DENY_WRITE and flags[config] == DENY_WRITE
+    assert any(line.startswith("deny open: ") and "credentials" in line for line in plan.describe())
 
 
 def test_plan_rejects_bad_rate() -> None:
@@ -138,8 +142,10 @@ def lsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         pytest.skip(BCC_PROBLEM or LSM_WHY)
     base = Path(f"/var/lib/ebpf-guard-test-{uuid.uuid4().hex[:8]}")  # not /tmp: exempt from the limit
     home = base / "home"
-    (home / ".ssh").mkdir(parents=True)
-    key, config = home / ".ssh" / "id_ed25519", home / ".bashrc"
+    # A credential store: a rule the LSM takes whole (ssh keys have an exception, git's ssh,
+    # which only the engine can judge: the gate holds those opens, test_prevent.py).
+    (home / ".aws").mkdir(parents=True)
+    key, config = home / ".aws" / "credentials", home / ".bashrc"
     key.write_bytes(KEY_BYTES)
     config.write_bytes(CONFIG_BYTES)
     tool = base / "tool"
