@@ -1,6 +1,7 @@
 """A scripted coding agent that misbehaves the way real ones have. The demo's subject.
 
-Usage: agent.py WORKSPACE. Each step prints before it acts, so you can see where it stopped.
+Usage: agent.py WORKSPACE DATA. Each step prints before it acts, so you can see where it stopped.
+DATA is a directory of the user's outside the workspace.
 Network traffic goes to loopback only (nothing listens on port 9).
 """
 
@@ -27,10 +28,16 @@ def main() -> int:
     step(3, "running curl to 'upload' the results (exfiltration)")
     subprocess.run(["curl", "-s", "--max-time", "1", "-o", "/dev/null", "http://127.0.0.1:9/upload"],
                    check=False)
-    step(4, "deleting build artefacts very fast")
-    build = ws / "build"
+    step(4, "deleting the user's files outside the workspace very fast")
+    data = Path(sys.argv[2])
+    refused = 0
     for i in range(5):
-        os.unlink(build / f"artefact-{i}.o")
+        try:
+            os.unlink(data / f"report-{i}.txt")
+        except OSError:  # under `run`, the jail refuses deletions outside the workspace
+            refused += 1
+    if refused:
+        print(f"[agent] {refused} of 5 deletions refused", flush=True)
     step(5, "reading a private SSH key")
     key = (ws / "keys" / "id_rsa").read_text()
     # The open itself is seen after the fact (KILL on open contains, it cannot undo the

@@ -63,10 +63,15 @@ def make_workspace() -> Path:
     return ws
 
 
+def data_dir(ws: Path) -> Path:
+    """The user's files beside the workspace: deleting inside the workspace is work, not these."""
+    return ws.with_name(ws.name + "-data")
+
+
 def reset_build(ws: Path) -> None:
-    (ws / "build").mkdir(exist_ok=True)
+    data_dir(ws).mkdir(exist_ok=True)
     for i in range(5):
-        (ws / "build" / f"artefact-{i}.o").write_text("x")
+        (data_dir(ws) / f"report-{i}.txt").write_text("x")
 
 
 def read_log(log: Path) -> list[dict]:
@@ -130,7 +135,7 @@ def run_agent(ws: Path, log: Path, mode: str, policy: Path | None, parent: Path 
         cmd += ["--policy", str(policy)]
     if parent is not None:
         cmd += ["--cgroup-parent", str(parent)]
-    proc = subprocess.Popen([*cmd, "--", *AGENT, str(ws)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([*cmd, "--", *AGENT, str(ws), str(data_dir(ws))], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace")
     last_step, said = 0, []
     assert proc.stdout is not None
@@ -238,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             cgroups.remove_cgroup(parent)
         if ws is not None:
             shutil.rmtree(ws, ignore_errors=True)
+            shutil.rmtree(data_dir(ws), ignore_errors=True)
 
 
 if __name__ == "__main__":
