@@ -213,6 +213,6 @@ def test_watch_marks_its_cgroup_and_gives_it_back(tmp_cgroup, spawn, tmp_path):
                 assert guard("resume", "--cgroup", str(tmp_cgroup)).returncode == 0  # no --force
         finally:
             proc.send_signal(signal.SIGINT)
-            proc.communicate(timeout=scaled(30))
-        assert proc.returncode == 122, when
+            _, err = proc.communicate(timeout=scaled(30))
+        assert proc.returncode == 122, (when, err[-2000:])
         assert cgroups.marked_role(tmp_cgroup) is None, when
