@@ -19,7 +19,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ebpf_guard import host
 from ebpf_guard.enforce import cgroups
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from ebpf_guard.enforce.jail import PreparedJail
 
 INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+HELD_OPEN_SETTLE_NS = 50_000_000  # a held open is judged once the sensor's events of its opener are in
 
 
 class SessionError(Exception):
@@ -186,6 +187,7 @@ class Session:
         # A lost event is a syscall nobody judged: in enforce mode the agent is frozen.
         self.on_loss = policy.on_loss if self.engine.mode is Mode.ENFORCE else "ignore"
         self._lost_seen = 0
+        self._held_denials: list[tuple[int, Any]] = []  # (when seen, held open) not judged yet
         try:
             self.watchdog.start(action=self.on_guard_exit, log=log_path, freezer=freezer,
                                 cgroup=cgroup, session=session_name)
@@ -300,9 +302,17 @@ class Session:
         events = self.sensor.poll(timeout_ms)
         for event in events:
             self.guard.handle(event)
+        now = time.monotonic_ns()
         for denial in self.prevention.denials():
             self.guard.note(gate_record(denial))
-            self.guard.handle(self.prevention.gate_event(denial))  # judged: the verdict applies
+            if denial.held:
+                # The opener waits for us, and the gate outruns the sensor: the fork and exec
+                # events that say who opens it (ssh under git) are still in the sensor's buffers.
+                self._held_denials.append((now, denial))
+            else:
+                self.guard.handle(self.prevention.gate_event(denial))  # judged: the verdict applies
+        while self._held_denials and now - self._held_denials[0][0] >= HELD_OPEN_SETTLE_NS:
+            self.guard.handle(self.prevention.gate_event(self._held_denials.pop(0)[1]))
         lost = self.sensor.stats.lost
         if lost > self._lost_seen:
             self.guard.events_lost(lost - self._lost_seen, lost, freeze=self.on_loss == "freeze")
