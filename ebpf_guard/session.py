@@ -323,6 +323,9 @@ class Session:
     def finish(self) -> None:
         for event in self.sensor.close():
             self.guard.handle(event)
+        for _, denial in self._held_denials:  # judged and logged, not dropped, at the end too
+            self.guard.handle(self.prevention.gate_event(denial))
+        self._held_denials.clear()
         self.guard.close()
 
     def report(self, headline: str) -> None:
